@@ -1,0 +1,135 @@
+"""Sample sets on disk: a folder of PNGs or an ADM-style `.npz` (key `arr_0`, NHWC uint8).
+
+Evaluation reads samples back from disk so metrics can be recomputed after a crash or with another
+feature extractor, without sampling again. In memory a sample set is a uint8 tensor (N, C, H, W)
+with C = 1 (grayscale) or 3 (RGB), the form torch-fidelity consumes.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fcdm_lab.errors import UserError, choices
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+CHANNELS = (1, 3)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] -> uint8 in [0, 255], same shape (values outside are clamped).
+
+    Rounds to the nearest level (ADM/DiT truncate instead): with rounding, uint8 -> [-1, 1] -> uint8
+    is the identity, so a saved sample set reloads bit-exactly.
+    """
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise UserError(f"to_uint8 expects a float tensor in [-1, 1], got {type(x).__name__} "
+                        f"{getattr(x, 'dtype', '')}".rstrip())
+    return ((x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 in [0, 255] -> float32 in [-1, 1] (the inverse of `to_uint8`)."""
+    return x.float() / 127.5 - 1.0
+
+
+def check_images_uint8(images, what: str = "images") -> torch.Tensor:
+    """Validate a sample set: a uint8 tensor (N, C, H, W) with N >= 1 and C in {1, 3}."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if not torch.is_tensor(images) or images.dtype != torch.uint8:
+        raise UserError(f"{what} must be a uint8 tensor (N, C, H, W); got "
+                        f"{getattr(images, 'dtype', type(images).__name__)} (convert [-1, 1] floats "
+                        f"with fcdm_lab.eval.to_uint8)")
+    if images.dim() != 4 or images.shape[0] < 1 or images.shape[1] not in CHANNELS:
+        raise UserError(f"{what} must have shape (N, C, H, W) with N >= 1 and C in "
+                        f"{{{choices(CHANNELS)}}}; got {tuple(images.shape)}")
+    return images
+
+
+def save_npz(path: str | os.PathLike, images: torch.Tensor) -> Path:
+    """Write uint8 (N, C, H, W) images as an ADM-style `.npz` (`arr_0`, NHWC uint8); returns the path."""
+    images = check_images_uint8(images)
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise UserError(f"sample file {str(path)!r} must end in .npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, arr_0=images.permute(0, 2, 3, 1).contiguous().cpu().numpy())
+    return path
+
+
+def save_png_folder(folder: str | os.PathLike, images: torch.Tensor) -> Path:
+    """Write uint8 (N, C, H, W) images as `000000.png`, ... (grayscale or RGB); returns the folder."""
+    from PIL import Image
+
+    images = check_images_uint8(images)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hwc = images.permute(0, 2, 3, 1).cpu().numpy()
+    width = max(6, len(str(len(hwc) - 1)))
+    for i, img in enumerate(hwc):
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{i:0{width}d}.png")
+    return folder
+
+
+def _load_npz(path: Path) -> torch.Tensor:
+    try:
+        with np.load(path) as data:
+            if "arr_0" not in data.files:
+                raise UserError(f"sample file {str(path)!r} has no 'arr_0' array (ADM format: arr_0 = "
+                                f"NHWC uint8 images); its arrays: {choices(data.files) or 'none'}")
+            arr = data["arr_0"]
+    except UserError:
+        raise
+    except Exception as e:  # a truncated or foreign file: say which one, not a zipfile traceback
+        raise UserError(f"cannot read sample file {str(path)!r} as .npz: {e}") from None
+    if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
+        raise UserError(f"sample file {str(path)!r}: arr_0 must be uint8 NHWC (or NHW for grayscale); "
+                        f"got {arr.dtype} with shape {arr.shape}")
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    return check_images_uint8(torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2))),
+                              f"arr_0 of {str(path)!r}")
+
+
+def _load_folder(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise UserError(f"sample folder {str(path)!r} has no images (looked for "
+                        f"{choices(IMAGE_EXTENSIONS)})")
+    arrays = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                arrays.append(np.asarray(im.convert("L") if im.mode in ("L", "1", "I;16", "I") else
+                                         im.convert("RGB")))
+        except Exception as e:
+            raise UserError(f"cannot read image {str(f)!r}: {e}") from None
+    # One grayscale image among RGB ones: promote the whole set to RGB rather than refuse it.
+    if any(a.ndim == 3 for a in arrays):
+        arrays = [np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in arrays]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise UserError(f"images in {str(path)!r} differ in size: {sorted(shapes)[:3]}")
+    stacked = np.stack(arrays)
+    if stacked.ndim == 3:
+        stacked = stacked[..., None]
+    return torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))
+
+
+def load_samples(path: str | os.PathLike) -> torch.Tensor:
+    """A sample set from disk as uint8 (N, C, H, W): a folder of images (sorted by file name;
+    grayscale stays 1 channel) or an ADM `.npz` (`arr_0`, NHWC uint8)."""
+    path = Path(path)
+    if path.is_dir():
+        return _load_folder(path)
+    if path.is_file() and path.suffix == ".npz":
+        return _load_npz(path)
+    if path.is_file():
+        raise UserError(f"cannot read samples from {str(path)!r}: expected a folder of images "
+                        f"({choices(IMAGE_EXTENSIONS)}) or an .npz file")
+    raise UserError(f"sample path {str(path)!r} does not exist (expected a folder of images or an .npz)")
