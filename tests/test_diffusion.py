@@ -1,5 +1,6 @@
 """The DDPM objective: schedules and steps against diffusers, the hybrid loss against a hand
 computation, training on one batch, the samplers, respacing and classifier-free guidance."""
+
 import math
 from types import SimpleNamespace
 
@@ -70,6 +71,7 @@ def gen(seed: int) -> torch.Generator:
 
 # --- schedule, forward process and single steps against diffusers ---------------------------------
 
+
 def test_schedule_and_q_sample_match_diffusers():
     obj = create_objective("ddpm")
     d = obj.diffusion
@@ -136,9 +138,13 @@ def test_ddpm_250_sampling_loop_matches_diffusers():
 def test_ddim_loop_matches_diffusers(eta):
     obj = create_objective("ddpm")
     noise = torch.randn(2, 3, 4, 4, generator=gen(0))
-    ours = obj.sample(toy_model, noise.shape, sampler="ddim", steps="ddim50", eta=eta, noise=noise, generator=gen(1))
+    ours = obj.sample(
+        toy_model, noise.shape, sampler="ddim", steps="ddim50", eta=eta, noise=noise, generator=gen(1)
+    )
 
-    sched = in_float64(DDIMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True))
+    sched = in_float64(
+        DDIMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True)
+    )
     sched.set_timesteps(50)
     np.testing.assert_array_equal(obj.respaced("ddim50").timestep_map, sched.timesteps.numpy()[::-1])
     g, x = gen(1), noise
@@ -149,6 +155,7 @@ def test_ddim_loop_matches_diffusers(eta):
 
 
 # --- respacing ----------------------------------------------------------------------------------
+
 
 def test_space_timesteps_forms():
     assert space_timesteps(1000, "1000") == set(range(1000))
@@ -177,6 +184,7 @@ def test_respaced_chain_keeps_alphas_cumprod():
 
 
 # --- the hybrid loss ----------------------------------------------------------------------------
+
 
 def _normal_cdf(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))
@@ -221,7 +229,9 @@ def test_hybrid_loss_matches_hand_computation():
         else:
             mean_true = c1 * X0[i] + c2 * x_t
             var_true = post_var[step]
-            vb_nats = 0.5 * (np.log(var_hat / var_true) + (var_true + (mean_true - mean_hat) ** 2) / var_hat - 1)
+            vb_nats = 0.5 * (
+                np.log(var_hat / var_true) + (var_true + (mean_true - mean_hat) ** 2) / var_hat - 1
+            )
         expected_vb.append(vb_nats.mean() / math.log(2))
         expected_mse.append(((N[i] - E[i]) ** 2).mean())
 
@@ -270,7 +280,9 @@ def test_training_losses_paired_by_generator():
     t = torch.randint(0, T, (6,), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     torch.testing.assert_close(a["t_frac"], t.float() / T)
-    torch.testing.assert_close(a["loss"], obj.diffusion.training_losses(toy_model, x0, t, noise=noise)["loss"])
+    torch.testing.assert_close(
+        a["loss"], obj.diffusion.training_losses(toy_model, x0, t, noise=noise)["loss"]
+    )
 
 
 def test_fixed_variance_is_plain_mse_and_checks_channels():
@@ -292,8 +304,10 @@ class TinyEpsNet(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(channels + 1, width, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(channels + 1, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.SiLU(),
             nn.Conv2d(width, 2 * channels, 3, padding=1),
         )
 
@@ -328,6 +342,7 @@ def test_hybrid_loss_falls_when_overfitting_one_batch():
 
 
 # --- samplers -----------------------------------------------------------------------------------
+
 
 def test_sample_shapes_and_determinism():
     obj = create_objective("ddpm")
@@ -387,6 +402,7 @@ def test_bad_names_and_settings_raise_user_error():
 
 # --- classifier-free guidance -------------------------------------------------------------------
 
+
 class FakeClassModel(GuidedModelMixin, nn.Module):
     """Output (B, 2C, H, W) that depends on the label, with DiT's forward_with_cfg."""
 
@@ -423,7 +439,9 @@ def test_guided_model_fn():
     # Works as the model function of a sampler, labels passed through model_kwargs.
     obj = create_objective("ddpm")
     with torch.no_grad():
-        samples = obj.sample(guided_model_fn(model, 1.5), (3, 4, 2, 2), steps=5, model_kwargs={"y": y}, generator=gen(0))
+        samples = obj.sample(
+            guided_model_fn(model, 1.5), (3, 4, 2, 2), steps=5, model_kwargs={"y": y}, generator=gen(0)
+        )
     assert samples.shape == (3, 4, 2, 2)
 
     with pytest.raises(UserError, match="guidance_channels"):

@@ -1,5 +1,6 @@
 """Flow matching: the interpolant and target, the time the model sees, the ODE samplers, and
 learning a two-Gaussian mixture in 2-D."""
+
 import math
 
 import pytest
@@ -41,7 +42,7 @@ def test_training_losses_interpolant_target_and_time_scale():
     x0 = torch.randn(x1.shape, generator=g)
     tb = t.reshape(-1, 1, 1, 1)
     x_t = tb * x1 + (1 - tb) * x0
-    (seen_x, seen_t), = model.calls
+    ((seen_x, seen_t),) = model.calls
     torch.testing.assert_close(terms["t_frac"], t)
     torch.testing.assert_close(seen_t, t * 1000.0)  # the embedder expects 0..1000
     torch.testing.assert_close(seen_x, x_t)
@@ -134,7 +135,7 @@ def test_flow_bad_settings_raise_user_error():
         obj.sample(model, (1, 2, 2, 2), sampler="ddim")
     with pytest.raises(UserError, match="eta"):
         obj.sample(model, (1, 2, 2, 2), eta=1.0)
-    for steps in (0, -3, "50"):
+    for steps in (0, -3, "ddim50", 2.5):
         with pytest.raises(UserError, match="steps"):
             obj.sample(model, (1, 2, 2, 2), steps=steps)
     with pytest.raises(UserError, match="channels"):
@@ -148,5 +149,9 @@ def test_flow_sample_defaults_and_clip():
     model = Recorder()
     out = obj.sample(model, (3, 2, 4, 4), generator=gen(0))
     assert out.shape == (3, 2, 4, 4) and len(model.calls) == 50
-    big = obj.sample(lambda x, t: torch.full_like(x, 5.0), (2, 1, 2, 2), steps=4, clip_denoised=True, generator=gen(0))
+    obj.sample(model, (3, 2, 4, 4), steps="7", sampler="heun", generator=gen(0))  # a count from a CLI
+    assert len(model.calls) == 50 + 14
+    big = obj.sample(
+        lambda x, t: torch.full_like(x, 5.0), (2, 1, 2, 2), steps=4, clip_denoised=True, generator=gen(0)
+    )
     assert big.max() == 1.0

@@ -6,6 +6,7 @@ learned-range variance, iDDPM hybrid loss, 250-step respaced DDPM or DDIM sampli
 Both take any `model_fn(x, t, **model_kwargs) -> (B, C or 2C, H, W)`; `guided_model_fn` wraps a
 class-conditional model for classifier-free guidance.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence

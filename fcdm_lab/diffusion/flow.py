@@ -10,9 +10,11 @@ Hand-written (a dozen lines of arithmetic): diffusers' FlowMatchEulerDiscreteSch
 other way (sigma from 1 to 0, velocity = noise - data, SD3's convention) and has no training side;
 restating SiT's convention directly is shorter and clearer than adapting it.
 """
+
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,14 +44,19 @@ class FlowMatching:
         return t_ * x1 + (1 - t_) * x0, x1 - x0
 
     def velocity(
-        self, model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, model_kwargs: Mapping[str, Any] | None = None
+        self,
+        model_fn: ModelFn,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
         """The model's velocity at x and t in [0, 1] (shape (B,)): the first C output channels."""
         out = model_fn(x, t * self.time_scale, **(model_kwargs or {}))
         C = x.shape[1]
         if out.shape[1] not in (C, 2 * C) or out.shape[2:] != x.shape[2:]:
             raise UserError(
-                f"model output {tuple(out.shape)} does not fit input {tuple(x.shape)}: flow needs {C} or {2 * C} channels"
+                f"model output {tuple(out.shape)} does not fit input {tuple(x.shape)}: "
+                f"flow needs {C} or {2 * C} channels"
             )
         return out[:, :C]
 
@@ -88,7 +95,9 @@ class FlowMatching:
         B = x.shape[0]
 
         def v(x_: torch.Tensor, t: float) -> torch.Tensor:
-            return self.velocity(model_fn, x_, torch.full((B,), t, device=x.device, dtype=torch.float32), model_kwargs)
+            return self.velocity(
+                model_fn, x_, torch.full((B,), t, device=x.device, dtype=torch.float32), model_kwargs
+            )
 
         for i in progress_iter(range(steps), progress, steps, f"{sampler} sampling"):
             t0, t1 = times[i], times[i + 1]
@@ -107,7 +116,7 @@ class FlowMatching:
         shape: Sequence[int],
         *,
         sampler: str | None = None,
-        steps: int | None = None,
+        steps: int | str | None = None,
         eta: float = 0.0,
         noise: torch.Tensor | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
@@ -123,10 +132,17 @@ class FlowMatching:
         """
         sampler = resolve_sampler(sampler, self.samplers, self.default_sampler)
         if eta != 0.0:
-            raise UserError(f"eta is a DDIM setting; the flow samplers ({', '.join(self.samplers)}) take no eta")
+            raise UserError(
+                f"eta is a DDIM setting; the flow samplers ({', '.join(self.samplers)}) take no eta"
+            )
         steps = self.default_steps if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        if isinstance(steps, str) and steps.strip().isdigit():
+            steps = int(steps)  # a count typed on the command line
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
             raise UserError(f"steps must be a positive integer for the flow objective, got {steps!r}")
+        steps = int(steps)
         x = initial_noise(shape, noise, generator, device, model_fn)
-        x = self.integrate(model_fn, x, sampler=sampler, steps=steps, model_kwargs=model_kwargs, progress=progress)
+        x = self.integrate(
+            model_fn, x, sampler=sampler, steps=steps, model_kwargs=model_kwargs, progress=progress
+        )
         return x.clamp(-1, 1) if clip_denoised else x

@@ -11,10 +11,12 @@ Conventions (as ADM): t is an int64 tensor of step indices 0..T-1 with 0 the lea
 values are gathered from float64 arrays and cast to float32; the model sees the step of the
 *original* 1000-step chain even when sampling a respaced chain (`timestep_map`).
 """
+
 from __future__ import annotations
 
 import enum
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -30,6 +32,7 @@ ModelFn = Callable[..., torch.Tensor]  # model_fn(x, t, **model_kwargs) -> (B, C
 # ----------------------------------------------------------------------------------------------
 # Small helpers shared by both objectives
 # ----------------------------------------------------------------------------------------------
+
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over every dimension but the batch: (B, ...) -> (B,)."""
@@ -77,19 +80,18 @@ def progress_iter(steps: Iterable[int], progress: bool, total: int, description:
     return track(steps, total=total, description=description, transient=True)
 
 
-def _extract(arr: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """arr[t] (float64 numpy) as float32 on t's device, shaped (B, 1, ..., 1) to broadcast."""
-    values = torch.as_tensor(arr[t.detach().cpu().numpy()], dtype=torch.float32, device=t.device)
-    return values.reshape(-1, *([1] * (ndim - 1)))
-
-
 # ----------------------------------------------------------------------------------------------
 # Gaussian densities in the form the variational bound needs (ADM's diffusion_utils)
 # ----------------------------------------------------------------------------------------------
 
-def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
+
+def normal_kl(
+    mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor
+) -> torch.Tensor:
     """Elementwise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
 
 
 def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +99,9 @@ def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
-def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, *, means: torch.Tensor, log_scales: torch.Tensor
+) -> torch.Tensor:
     """Elementwise log-probability (nats) of 8-bit data scaled to [-1, 1] under a Gaussian.
 
     Each value owns a bin of width 2/255; the two edge bins extend to -inf / +inf.
@@ -115,6 +119,7 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor,
 # ----------------------------------------------------------------------------------------------
 # The diffusion process
 # ----------------------------------------------------------------------------------------------
+
 
 class VarType(enum.Enum):
     """What the reverse-step variance is."""
@@ -183,16 +188,38 @@ class GaussianDiffusion:
         # q(x_{t-1} | x_t, x_0). The posterior variance is 0 at t = 0, so its log takes the t = 1 value
         # there (ADM's "clipped" log variance).
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        self.posterior_log_variance_clipped = np.log(
+            np.append(self.posterior_variance[1], self.posterior_variance[1:])
+        )
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        )
 
-        # Fixed variances. "Large" starts at the posterior variance for a better decoder likelihood.
-        large = np.append(self.posterior_variance[1], betas[1:])
-        self._fixed_variance = {
-            VarType.FIXED_SMALL: (self.posterior_variance, self.posterior_log_variance_clipped),
-            VarType.FIXED_LARGE: (large, np.log(large)),
-        }
+        # Reverse-step variances: the ends of the learned range, and the fixed choices ("large" starts
+        # at the posterior variance for a better decoder likelihood, as ADM).
+        self.log_betas = np.log(betas)
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.fixed_small_variance = self.posterior_variance
+        self.fixed_small_log_variance = self.posterior_log_variance_clipped
+        self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:])
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
+
+        self._device_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def _table(self, name: str, device: torch.device) -> torch.Tensor:
+        """The numpy table `name` as a tensor on `device`, copied once: float64 schedules become float32
+        (ADM gathers in float64 and casts, which gives the same values), step maps int64."""
+        key = (name, device)
+        if key not in self._device_tables:
+            arr = getattr(self, name)
+            dtype = torch.long if arr.dtype.kind == "i" else torch.float32
+            self._device_tables[key] = torch.as_tensor(arr, dtype=dtype, device=device)
+        return self._device_tables[key]
+
+    def _extract(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """Table `name` at steps t, shaped (B, 1, ..., 1) to broadcast against ndim-d tensors."""
+        return self._table(name, t.device)[t].reshape(-1, *([1] * (ndim - 1)))
 
     @property
     def learn_sigma(self) -> bool:
@@ -201,53 +228,77 @@ class GaussianDiffusion:
     def respace(self, section_counts: str | int | Sequence[int]) -> GaussianDiffusion:
         """A shorter chain over the steps `space_timesteps` picks ("250", "ddim50", ...)."""
         betas, kept = respace_betas(self.alphas_cumprod, space_timesteps(self.num_timesteps, section_counts))
-        return GaussianDiffusion(betas, var_type=self.var_type, loss_type=self.loss_type, timestep_map=self.timestep_map[kept])
+        return GaussianDiffusion(
+            betas, var_type=self.var_type, loss_type=self.loss_type, timestep_map=self.timestep_map[kept]
+        )
 
     # --- forward process -------------------------------------------------------------------------
 
-    def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def q_mean_variance(
+        self, x_start: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and log variance of q(x_t | x_0)."""
         n = x_start.ndim
-        mean = _extract(self.sqrt_alphas_cumprod, t, n) * x_start
-        variance = _extract(1.0 - self.alphas_cumprod, t, n).expand_as(x_start)
-        log_variance = _extract(self.log_one_minus_alphas_cumprod, t, n).expand_as(x_start)
+        mean = self._extract("sqrt_alphas_cumprod", t, n) * x_start
+        variance = self._extract("one_minus_alphas_cumprod", t, n).expand_as(x_start)
+        log_variance = self._extract("log_one_minus_alphas_cumprod", t, n).expand_as(x_start)
         return mean, variance, log_variance
 
-    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def q_sample(
+        self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Sample x_t ~ q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
         if noise is None:
             noise = torch.randn_like(x_start)
         n = x_start.ndim
-        return _extract(self.sqrt_alphas_cumprod, t, n) * x_start + _extract(self.sqrt_one_minus_alphas_cumprod, t, n) * noise
+        return (
+            self._extract("sqrt_alphas_cumprod", t, n) * x_start
+            + self._extract("sqrt_one_minus_alphas_cumprod", t, n) * noise
+        )
 
     def q_posterior_mean_variance(
         self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
         n = x_t.ndim
-        mean = _extract(self.posterior_mean_coef1, t, n) * x_start + _extract(self.posterior_mean_coef2, t, n) * x_t
-        variance = _extract(self.posterior_variance, t, n).expand_as(x_t)
-        log_variance = _extract(self.posterior_log_variance_clipped, t, n).expand_as(x_t)
+        mean = (
+            self._extract("posterior_mean_coef1", t, n) * x_start
+            + self._extract("posterior_mean_coef2", t, n) * x_t
+        )
+        variance = self._extract("posterior_variance", t, n).expand_as(x_t)
+        log_variance = self._extract("posterior_log_variance_clipped", t, n).expand_as(x_t)
         return mean, variance, log_variance
 
     def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         n = x_t.ndim
-        return _extract(self.sqrt_recip_alphas_cumprod, t, n) * x_t - _extract(self.sqrt_recipm1_alphas_cumprod, t, n) * eps
-
-    def predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
-        n = x_t.ndim
-        return (_extract(self.sqrt_recip_alphas_cumprod, t, n) * x_t - pred_xstart) / _extract(
-            self.sqrt_recipm1_alphas_cumprod, t, n
+        return (
+            self._extract("sqrt_recip_alphas_cumprod", t, n) * x_t
+            - self._extract("sqrt_recipm1_alphas_cumprod", t, n) * eps
         )
+
+    def predict_eps_from_xstart(
+        self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor
+    ) -> torch.Tensor:
+        n = x_t.ndim
+        scale = self._extract("sqrt_recipm1_alphas_cumprod", t, n)
+        return (self._extract("sqrt_recip_alphas_cumprod", t, n) * x_t - pred_xstart) / scale
 
     # --- the model's reverse step -----------------------------------------------------------------
 
-    def call_model(self, model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, model_kwargs: Mapping[str, Any] | None = None) -> torch.Tensor:
+    def call_model(
+        self,
+        model_fn: ModelFn,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: Mapping[str, Any] | None = None,
+    ) -> torch.Tensor:
         """model_fn(x, original step of t, **model_kwargs)."""
-        steps = torch.as_tensor(self.timestep_map, device=t.device)[t]
+        steps = self._table("timestep_map", t.device)[t]
         return model_fn(x, steps, **(model_kwargs or {}))
 
-    def split_output(self, model_output: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def split_output(
+        self, model_output: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(eps, variance values or None): a learned variance needs 2C output channels, a fixed one C."""
         C = x.shape[1]
         expected = 2 * C if self.learn_sigma else C
@@ -270,15 +321,15 @@ class GaussianDiffusion:
         if var_values is not None:
             # The model's v in [-1, 1] interpolates the log variance between the posterior variance
             # (v = -1) and beta_t (v = +1). v is not clamped, as in ADM.
-            min_log = _extract(self.posterior_log_variance_clipped, t, n)
-            max_log = _extract(np.log(self.betas), t, n)
+            min_log = self._extract("posterior_log_variance_clipped", t, n)
+            max_log = self._extract("log_betas", t, n)
             frac = (var_values + 1) / 2
             log_variance = frac * max_log + (1 - frac) * min_log
             variance = torch.exp(log_variance)
         else:
-            var, log_var = self._fixed_variance[self.var_type]
-            variance = _extract(var, t, n).expand_as(x)
-            log_variance = _extract(log_var, t, n).expand_as(x)
+            prefix = self.var_type.value  # "fixed_small" / "fixed_large"
+            variance = self._extract(f"{prefix}_variance", t, n).expand_as(x)
+            log_variance = self._extract(f"{prefix}_log_variance", t, n).expand_as(x)
 
         pred_xstart = self.predict_xstart_from_eps(x, t, eps)
         if clip_denoised:
@@ -295,11 +346,15 @@ class GaussianDiffusion:
         model_kwargs: Mapping[str, Any] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run the model and return p(x_{t-1} | x_t) (see `p_mean_variance_from_output`)."""
-        return self.p_mean_variance_from_output(self.call_model(model_fn, x, t, model_kwargs), x, t, clip_denoised)
+        return self.p_mean_variance_from_output(
+            self.call_model(model_fn, x, t, model_kwargs), x, t, clip_denoised
+        )
 
     # --- training ---------------------------------------------------------------------------------
 
-    def vb_terms_bpd(self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def vb_terms_bpd(
+        self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
         """One term of the variational bound, in bits per dimension, shape (B,).
 
         KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0; at t = 0 the negative log-likelihood
@@ -307,11 +362,12 @@ class GaussianDiffusion:
         """
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance_from_output(model_output, x_t, t, clip_denoised=False)
-        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
-        decoder_nll = -mean_flat(
-            discretized_gaussian_log_likelihood(x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
-        ) / math.log(2.0)
-        return torch.where(t == 0, decoder_nll, kl)
+        kl = normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])
+        log_likelihood = discretized_gaussian_log_likelihood(
+            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
+        )
+        nats_to_bits = 1.0 / math.log(2.0)
+        return torch.where(t == 0, -mean_flat(log_likelihood), mean_flat(kl)) * nats_to_bits
 
     def training_losses(
         self,
@@ -341,7 +397,7 @@ class GaussianDiffusion:
                 vb = vb * (self.num_timesteps / 1000.0)  # iDDPM: keeps the vb term from swamping the mse
             terms["vb"] = vb
         terms["mse"] = mean_flat((noise - eps) ** 2)
-        terms["loss"] = terms["mse"] + terms["vb"] if var_values is not None else terms["mse"]
+        terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
 
     # --- sampling ---------------------------------------------------------------------------------
@@ -378,8 +434,8 @@ class GaussianDiffusion:
         out = self.p_mean_variance(model_fn, x, t, clip_denoised, model_kwargs)
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])  # re-derived: consistent with clipping
         n = x.ndim
-        abar = _extract(self.alphas_cumprod, t, n)
-        abar_prev = _extract(self.alphas_cumprod_prev, t, n)
+        abar = self._extract("alphas_cumprod", t, n)
+        abar_prev = self._extract("alphas_cumprod_prev", t, n)
         sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
         sample = out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
         if eta > 0:
@@ -404,13 +460,28 @@ class GaussianDiffusion:
         """Run the whole chain from x_T = noise down to x_0 with "ddpm" (ancestral) or "ddim" steps."""
         sampler = resolve_sampler(sampler, ("ddpm", "ddim"), "ddpm")
         x = noise
-        for i in progress_iter(reversed(range(self.num_timesteps)), progress, self.num_timesteps, f"{sampler} sampling"):
+        for i in progress_iter(
+            reversed(range(self.num_timesteps)), progress, self.num_timesteps, f"{sampler} sampling"
+        ):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             if sampler == "ddpm":
-                out = self.p_sample(model_fn, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs, generator=generator)
+                out = self.p_sample(
+                    model_fn,
+                    x,
+                    t,
+                    clip_denoised=clip_denoised,
+                    model_kwargs=model_kwargs,
+                    generator=generator,
+                )
             else:
                 out = self.ddim_sample(
-                    model_fn, x, t, eta=eta, clip_denoised=clip_denoised, model_kwargs=model_kwargs, generator=generator
+                    model_fn,
+                    x,
+                    t,
+                    eta=eta,
+                    clip_denoised=clip_denoised,
+                    model_kwargs=model_kwargs,
+                    generator=generator,
                 )
             x = out["sample"]
         return x
@@ -419,6 +490,7 @@ class GaussianDiffusion:
 # ----------------------------------------------------------------------------------------------
 # The DDPM objective (the `Objective` interface of fcdm_lab.diffusion)
 # ----------------------------------------------------------------------------------------------
+
 
 class DDPMObjective:
     """Trains on the full T-step chain; samples on a respaced one (250 of 1000 steps by default)."""
@@ -437,16 +509,19 @@ class DDPMObjective:
         return self.diffusion.num_timesteps
 
     def respaced(self, steps: int | str) -> GaussianDiffusion:
-        """The sampling chain for `steps` (an int count, or a spec such as "250", "ddim50", "10,20"), cached."""
+        """The (cached) sampling chain for `steps`: an int count or a spec ("250", "ddim50", "10,20")."""
         T = self.num_timesteps
+        if isinstance(steps, numbers.Integral) and not isinstance(steps, bool):
+            steps = int(steps)
         if isinstance(steps, bool) or not isinstance(steps, (int, str)):
-            raise UserError(f"steps must be an int or a respacing string such as '250' or 'ddim50', got {steps!r}")
+            raise UserError(
+                f"steps must be an int or a respacing string such as '250' or 'ddim50', got {steps!r}"
+            )
         if isinstance(steps, int) and not 2 <= steps <= T:
             raise UserError(f"steps must be between 2 and {T} for the ddpm objective, got {steps}")
         key = str(steps).strip()
         if key not in self._respaced:
-            spaced = self.diffusion.respace(key)
-            self._respaced[key] = spaced
+            self._respaced[key] = self.diffusion.respace(key)
         return self._respaced[key]
 
     def training_losses(
@@ -490,7 +565,7 @@ class DDPMObjective:
         sampler = resolve_sampler(sampler, self.samplers, self.default_sampler)
         if eta != 0.0 and sampler != "ddim":
             raise UserError(f"eta is a DDIM setting; sampler {sampler!r} takes no eta (use sampler 'ddim')")
-        if not 0.0 <= eta:
+        if eta < 0:
             raise UserError(f"eta must be >= 0, got {eta}")
         chain = self.respaced(self.default_steps if steps is None else steps)
         x = initial_noise(shape, noise, generator, device, model_fn)

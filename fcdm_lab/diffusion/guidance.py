@@ -1,4 +1,5 @@
 """Classifier-free guidance as a model function the samplers can call like the plain model."""
+
 from __future__ import annotations
 
 import math
@@ -22,16 +23,21 @@ def guided_model_fn(
     if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
         raise UserError(f"cfg_scale must be a number >= 0 (1 = no guidance), got {cfg_scale}")
     if cfg_scale == 1.0:
+
         def plain(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return model(x, t, y)
 
         return plain
 
     if not hasattr(model, "forward_with_cfg"):
-        raise UserError(f"{type(model).__name__} has no forward_with_cfg: it cannot use classifier-free guidance")
+        raise UserError(
+            f"{type(model).__name__} has no forward_with_cfg: it cannot use classifier-free guidance"
+        )
     in_channels = int(model.config.in_channels)
     if guidance_channels is not None and not 1 <= guidance_channels <= in_channels:
-        raise UserError(f"guidance_channels must be between 1 and {in_channels} (or None for all), got {guidance_channels}")
+        raise UserError(
+            f"guidance_channels must be between 1 and {in_channels} (None = all), got {guidance_channels}"
+        )
     null_label = int(model.config.num_classes)
 
     def guided(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ sampling default; "10,15,20" = that many in each equal section; "ddim50" = DDIM'
 stride). `respace_betas` turns the kept steps into the betas of a shorter chain with the same
 alphas_cumprod at every kept step. Both are plain float64 numpy, no torch.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -29,7 +30,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
         spec = section_counts.strip()
         if spec.startswith("ddim"):
             try:
-                desired = int(spec[len("ddim"):])
+                desired = int(spec[len("ddim") :])
             except ValueError:
                 raise UserError(f"bad timestep respacing {spec!r}; use {forms}") from None
             for stride in range(1, num_timesteps):
