@@ -165,6 +165,7 @@ def _atomic_save(state: dict, path: Path, metadata: dict) -> None:
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache may be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

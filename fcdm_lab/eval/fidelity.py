@@ -140,7 +140,7 @@ def resolve_images(images, what: str = "samples") -> torch.Tensor:
             raise UserError(f"{what} {str(images)!r} is neither an existing folder / .npz file nor a "
                             f"reference name ({choices(DIGITS_REFERENCES)})")
         return load_samples(images)
-    return check_images_uint8(images, what)
+    return check_images_uint8(images, what).cpu()  # the loader pins CPU memory when CUDA is used
 
 
 def _inception_weights(inception_weights) -> Path:
