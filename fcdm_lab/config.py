@@ -1,0 +1,277 @@
+"""Typed experiment configuration with strict overrides (nanoGPT style, read from TOML files).
+
+An experiment file has the sections [model], [data], [diffusion], [train], [eval]. Loading is
+strict: an unknown key or a value of the wrong type is a `UserError` naming the key and the valid
+choices. `--set section.key=value` overrides use TOML syntax for the value (`train.lr=3e-4`,
+`model.block={family="resnet"}`); a bare word is taken as a string (`data.name=mnist`).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .errors import UserError, choices
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "FCDM"                      # a registry name: FCDM (give L, C), FCDM-S..XL, DiT-*, DiCo-*
+    L: Optional[int] = None                 # blocks per level (FCDM only; presets fix it)
+    C: Optional[int] = None                 # base width (FCDM only; presets fix it)
+    block: Dict[str, Any] = field(default_factory=lambda: {"family": "convnext"})
+    match_flops: Optional[str] = None       # knob solved to match the default block's GMACs: ratio | ffn_ratio | width
+    match_target_gmacs: Optional[float] = None  # explicit target instead of the default block's
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"                    # digits | imagefolder | mnist | fashionmnist | cifar10 | latents
+    path: Optional[str] = None
+    test_path: Optional[str] = None
+    image_size: Optional[int] = None        # None = the dataset's native size
+    random_flip: Optional[bool] = None      # None = the dataset's sensible default
+    download: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class DiffusionConfig:
+    objective: str = "ddpm"                 # ddpm (iDDPM, learned variance) | flow (flow matching)
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    time_scale: float = 1000.0              # flow: the model sees t * time_scale
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64                    # global batch (split over processes)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_accum: int = 1
+    grad_clip: Optional[float] = None
+    mixed_precision: str = "no"             # no | fp16 | bf16
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False                # decay min(ema_decay, (1+n)/(10+n)) for short runs
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 500
+    keep_last: int = 3
+    sample_every: int = 0                   # 0 = only at the end
+    compile: bool = False
+    threads: Optional[int] = None           # torch intra-op threads per process (None = torch default / launcher)
+    fused_adamw: bool = True
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 500
+    sampler: Optional[str] = None           # None = the objective's default (ddpm / euler)
+    steps: int = 50
+    eta: float = 0.0
+    cfg_scale: float = 1.0
+    guidance_channels: Optional[int] = None  # None = all channels; 3 = the reference's legacy behaviour
+    metrics: List[str] = field(default_factory=lambda: ["fid_digits", "kid_digits", "class_acc_digits"])
+    reference: Optional[str] = None         # "digits-train" | "digits-test" | folder | .npz
+    inception_weights: Optional[str] = None
+    use_ema: bool = True
+    batch_size: int = 250
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> Dict[str, Any]:
+        """Flattened `section.key` view (for MLflow params)."""
+        out: Dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                for k, v in values.items():
+                    out[f"{section}.{k}"] = v
+            else:
+                out[section] = values
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict conversion from plain dicts
+# ---------------------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(key, value, arg)
+            except UserError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin in (list, List):
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key} must be a list, got {value!r}")
+        return [_check_value(f"{key}[]", v, item_tp) for v in value]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise UserError(f"{key} must be a table like {{family = \"convnext\"}}, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer() and key.endswith("steps"):
+        return int(value)
+    if not isinstance(value, tp) or (tp in (int, float) and isinstance(value, bool)):
+        raise UserError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _from_dict(cls: type, data: Dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"[{prefix.rstrip('.')}]" if prefix else "the experiment"
+        raise UserError(f"unknown key {prefix}{unknown[0]!r} in {where}; valid: {choices(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(data[name], dict):
+                raise UserError(f"{prefix}{name} must be a table/section, got {data[name]!r}")
+            kwargs[name] = _from_dict(tp, data[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_value(f"{prefix}{name}", data[name], tp)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Dict[str, Any]) -> ExperimentConfig:
+    cfg = _from_dict(ExperimentConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    from .diffusion import OBJECTIVES
+
+    def one_of(key: str, value: Any, valid) -> None:
+        if value not in valid:
+            raise UserError(f"{key} = {value!r} is not valid; choose one of: {choices(valid)}")
+
+    one_of("diffusion.objective", cfg.diffusion.objective, OBJECTIVES)
+    one_of("train.mixed_precision", cfg.train.mixed_precision, ("no", "fp16", "bf16"))
+    if cfg.model.match_flops is not None:
+        from .models.matching import KNOBS
+        one_of("model.match_flops", cfg.model.match_flops, KNOBS)
+    for key, value in (("train.steps", cfg.train.steps), ("train.batch_size", cfg.train.batch_size),
+                       ("train.grad_accum", cfg.train.grad_accum), ("train.keep_last", cfg.train.keep_last),
+                       ("eval.num_samples", cfg.eval.num_samples)):
+        if value < 1:
+            raise UserError(f"{key} must be >= 1, got {value}")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise UserError(f"train.ema_decay must be in [0, 1), got {cfg.train.ema_decay}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and overrides
+# ---------------------------------------------------------------------------------------------
+
+def experiment_names() -> List[str]:
+    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml"))
+
+
+def resolve_experiment_path(name_or_path: str) -> Path:
+    """An experiment is a path to a TOML file or the name of one in `experiments/`."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        if not p.is_file():
+            raise UserError(f"experiment file {str(p)!r} not found; bundled experiments: {choices(experiment_names())}")
+        return p
+    candidate = EXPERIMENTS_DIR / f"{name_or_path}.toml"
+    if not candidate.is_file():
+        raise UserError(f"unknown experiment {name_or_path!r}; valid: {choices(experiment_names())} (or a path to a .toml file)")
+    return candidate
+
+
+def read_toml(path: Path) -> Dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: malformed TOML: {e}") from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'train.lr=3e-4' -> ('train.lr', 3e-4). The value is TOML; a bare word is a string."""
+    if "=" not in item:
+        raise UserError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    if not key:
+        raise UserError(f"--set expects key=value, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy). Validation happens when the dict is converted."""
+    data = copy.deepcopy(data)
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"cannot set {key!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_experiment(name_or_path: str, overrides: Dict[str, Any] | List[str] | None = None) -> ExperimentConfig:
+    path = resolve_experiment_path(name_or_path)
+    data = read_toml(path)
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(o) for o in overrides)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    data.setdefault("name", path.stem)
+    return config_from_dict(data)

@@ -1,0 +1,138 @@
+"""Compute-matched variants: solve one free knob so a variant's GMACs equal a target.
+
+The paper's last three ablation rows keep the default's total compute (facts section 6) but do not
+say how; here each variant names its knob:
+  ratio      expansion of the block's main path (hidden = ratio * C), continuous in steps of 1 channel
+  ffn_ratio  expansion of the extra feed-forward module
+  width      the base width C (even integers: steps of ~4/C in compute, coarse at tiny C)
+GMACs are counted on the meta device (no memory, no compute), so solving costs a few forward traces.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict
+
+import torch
+
+from ..errors import UserError, choices
+from .blocks import resolve_block_spec
+from .flops import count_gmacs
+
+KNOBS = ("ratio", "ffn_ratio", "width")
+TOLERANCE = 0.01
+
+
+@dataclass
+class MatchResult:
+    knob: str
+    from_value: float
+    to_value: float
+    target_gmacs: float
+    gmacs: float
+
+    @property
+    def rel_err(self) -> float:
+        return (self.gmacs - self.target_gmacs) / self.target_gmacs
+
+    @property
+    def matched(self) -> bool:
+        return abs(self.rel_err) <= TOLERANCE
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d.update(rel_err=self.rel_err, matched=self.matched)
+        return d
+
+
+def fcdm_gmacs(kwargs: Dict[str, Any]) -> float:
+    from .fcdm import FCDM
+
+    with torch.device("meta"):
+        model = FCDM(**kwargs)
+    shape = (kwargs.get("in_channels", 4), kwargs.get("input_size", 32), kwargs.get("input_size", 32))
+    return count_gmacs(model, shape)
+
+
+def default_target(kwargs: Dict[str, Any]) -> float:
+    """GMACs of the default FCDM block at the same L, C and resolution."""
+    return fcdm_gmacs({**kwargs, "block": None})
+
+
+def _solve_continuous(f: Callable[[float], float], target: float, x0: float, lo: float, hi: float) -> float:
+    """Secant steps (GMACs are nearly affine in the knob), bracketed by bisection as a fallback."""
+    a, b = lo, hi
+    fa, fb = f(a) - target, f(b) - target
+    if fa > 0 or fb < 0:
+        raise UserError(
+            f"cannot match compute: target {target:.4g} GMACs is outside what the knob reaches "
+            f"({f(lo):.4g}..{f(hi):.4g})")
+    x = x0
+    for _ in range(40):
+        fx = f(x) - target
+        if abs(fx) <= 1e-4 * target:
+            return x
+        if fx < 0:
+            a, fa = x, fx
+        else:
+            b, fb = x, fx
+        x_new = a - fa * (b - a) / (fb - fa)   # regula falsi inside the bracket
+        if not a < x_new < b or abs(x_new - x) < 1e-9:
+            x_new = 0.5 * (a + b)
+        x = x_new
+        if b - a < 1e-6:
+            break
+    return x
+
+
+def match_flops(kwargs: Dict[str, Any], knob: str, target_gmacs: float | None = None) -> tuple[Dict[str, Any], MatchResult]:
+    """Return FCDM kwargs with `knob` solved so GMACs land on the target, and what moved.
+
+    `kwargs` are FCDM constructor settings (L, C, block, input_size, in_channels, num_classes...).
+    """
+    if knob not in KNOBS:
+        raise UserError(f"unknown compute-matching knob {knob!r}; valid: {choices(KNOBS)}")
+    kwargs = copy.deepcopy(kwargs)
+    spec = resolve_block_spec(kwargs.get("block"))
+    target = default_target(kwargs) if target_gmacs is None else float(target_gmacs)
+
+    if knob == "width":
+        C0 = kwargs["C"]
+
+        def gm(c: int) -> float:
+            return fcdm_gmacs({**kwargs, "C": c, "block": spec})
+
+        # GMACs grow ~C^2: start from the square-root guess, then walk even widths to the closest.
+        g0 = gm(C0)
+        c = max(8, int(round(C0 * (target / g0) ** 0.5 / 2)) * 2)
+        best = min((c - 2, c, c + 2), key=lambda v: abs(gm(v) - target) if v >= 8 else float("inf"))
+        while True:
+            nxt = [v for v in (best - 2, best + 2) if v >= 8 and abs(gm(v) - target) < abs(gm(best) - target)]
+            if not nxt:
+                break
+            best = nxt[0]
+        kwargs["C"] = best
+        kwargs["block"] = spec
+        return kwargs, MatchResult("width", C0, best, target, gm(best))
+
+    if knob not in spec:
+        raise UserError(
+            f"block family {spec['family']!r} has no {knob!r} option to match compute; "
+            f"valid knobs for it: {choices([k for k in KNOBS if k in spec or k == 'width'])}")
+    if knob == "ffn_ratio" and not spec.get("ffn"):
+        raise UserError("knob 'ffn_ratio' needs the extra feed-forward module (block option ffn = true)")
+    if knob == "ratio" and spec.get("bottleneck") is False:
+        raise UserError("knob 'ratio' has no effect with bottleneck = false; use knob 'width'")
+    x0 = spec[knob]
+
+    def gm_ratio(r: float) -> float:
+        return fcdm_gmacs({**kwargs, "block": {**spec, knob: r}})
+
+    C = kwargs["C"]
+    lo, hi = 0.5 / C, 64.0
+    r = _solve_continuous(gm_ratio, target, x0, lo, hi)
+    # hidden channels are integers: snap to the best of the neighbouring whole channel counts
+    cands = {max(1, round(r * C) + d) / C for d in (-1, 0, 1)}
+    r = min(cands, key=lambda v: abs(gm_ratio(v) - target))
+    kwargs["block"] = {**spec, knob: r}
+    return kwargs, MatchResult(knob, x0, r, target, gm_ratio(r))
