@@ -135,6 +135,9 @@ class AdaLNBlock(nn.Module):
         self.has_ffn = ffn
         n_mod = 6 if ffn else 3  # shift, scale, gate for the main path (and for the FFN)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, n_mod * dim, bias=True))
+        # adaLN-zero: gates start at zero, so every block starts as the identity
+        nn.init.zeros_(self.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.adaLN_modulation[-1].bias)
         self.ffn = FeedForward(dim, hidden_channels(dim, ffn_ratio)) if ffn else None
 
     def main(self, x: torch.Tensor, shift, scale) -> torch.Tensor:

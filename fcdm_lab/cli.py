@@ -1,0 +1,301 @@
+"""The `fcdm-lab` command line. Thin by design: each command parses, calls one library function,
+prints. Library imports are lazy so `fcdm-lab --help` stays fast.
+
+Errors: a `UserError` (bad input) or a usage error prints one line on stderr and exits with 2.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+# typer >= 0.20 vendors click; its exceptions live here (the public names cover only a few)
+from typer._click import exceptions as click_exc
+from rich.console import Console
+
+from .errors import UserError
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="fcdm-lab",
+    help="Ablations, sweeps and experiment tracking for FCDM, the fully convolutional diffusion model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Dataset tools (latent stores).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+SetOpt = typer.Option(None, "--set", help="Override KEY=VALUE (TOML value), repeatable.")
+UriOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
+
+
+def _overrides(items: Optional[List[str]]) -> dict:
+    from .config import parse_override
+
+    return dict(parse_override(i) for i in (items or []))
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+@app.command()
+def profile(
+    model: Optional[str] = typer.Argument(None, help="Model or preset name (see --all)."),
+    all_models: bool = typer.Option(False, "--all", help="Profile every preset and baseline."),
+    resolution: List[int] = typer.Option([256], "--resolution", "-r", help="Image side in pixels; repeat to compare."),
+    pixel: bool = typer.Option(False, "--pixel", help="Pixel-space input instead of SD-VAE latents (side/8, 4 channels)."),
+    in_channels: Optional[int] = typer.Option(None, "--in-channels"),
+    num_classes: int = typer.Option(1000, "--num-classes"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Block option or model setting KEY=VALUE (kernel=5, mixer=cca, family=resnet, L=3)."),
+    match: Optional[str] = typer.Option(None, "--match", help="Solve this knob (ratio | ffn_ratio | width) to the default block's GMACs."),
+    match_target: Optional[float] = typer.Option(None, "--match-target", help="Explicit GMACs target for --match."),
+    study: Optional[str] = typer.Option(None, "--study", help="Profile every variant of a study file at MODEL (e.g. FCDM-L --study paper-ablation)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    throughput: bool = typer.Option(False, "--throughput", help="Also measure images/s and peak memory on this device."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Exact parameters and GMACs (the paper's FLOPs), optionally measured throughput."""
+    from .models import profile as prof
+    from .display import print_profile_table
+
+    common = dict(pixel=pixel, in_channels=in_channels, num_classes=num_classes, batch_size=batch_size,
+                  throughput=throughput)
+    if study:
+        if not model:
+            raise UserError("--study needs a MODEL to build the variants at, e.g. `fcdm-lab profile FCDM-L --study paper-ablation`")
+        from .studies.spec import profile_study
+
+        rows = profile_study(study, model, resolutions=resolution, overrides=_overrides(set_), **common)
+    elif all_models:
+        if model:
+            raise UserError("give either a MODEL or --all, not both")
+        rows = prof.profile_many(prof.all_model_names(), resolution, **common)
+    elif model:
+        rows = [prof.profile_model(model, resolution=r, overrides=_overrides(set_), match=match,
+                                   match_target=match_target, **common) for r in resolution]
+    else:
+        raise UserError("name a MODEL (e.g. FCDM-XL) or pass --all")
+    if as_json:
+        print(json.dumps(rows[0] if len(rows) == 1 else {"models": rows}, indent=None))
+    else:
+        print_profile_table(rows, console)
+
+
+@app.command()
+def blocks():
+    """List block families, channel mixers and their options (the ablation axes)."""
+    from .display import print_blocks
+
+    print_blocks(console)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and sampling
+# ---------------------------------------------------------------------------------------------
+
+@app.command()
+def train(
+    experiment: str = typer.Argument("tiny-digits", help="Experiment name in experiments/ or a .toml path."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<experiment>)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="latest | PATH to a checkpoint."),
+    set_: Optional[List[str]] = SetOpt,
+    tracking_uri: Optional[str] = UriOpt,
+    track: bool = typer.Option(True, "--track/--no-track", help="Log the run to MLflow."),
+):
+    """Train an experiment (plain: one process; `accelerate launch -m fcdm_lab train ...`: many)."""
+    from .config import load_experiment
+
+    overrides = _overrides(set_)
+    if steps is not None:
+        overrides["train.steps"] = steps
+    if seed is not None:
+        overrides["train.seed"] = seed
+    cfg = load_experiment(experiment, overrides)
+    out_dir = out or Path("runs") / cfg.name
+    if track:
+        from .tracking import train_tracked
+
+        result, run_id = train_tracked(cfg, out_dir, uri=tracking_uri, resume=resume)
+    else:
+        from .train import train as train_fn
+
+        result, run_id = train_fn(cfg, out_dir, resume=resume), None
+    if result is not None:
+        console.print(f"[bold green]done[/]: {result.step} steps in {result.wall_time_s:.0f} s "
+                      f"({result.images_per_s:.0f} images/s), final loss {result.final_loss:.4f}")
+        console.print(f"checkpoint: {result.checkpoint}")
+        if run_id:
+            console.print(f"MLflow run {run_id}: browse with `fcdm-lab ui`")
+
+
+@app.command()
+def sample(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint file (ours or a reference FCDM one)."),
+    num: int = typer.Option(64, "--num", min=1),
+    steps: int = typer.Option(250, "--steps", min=1),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="ddpm | ddim (iDDPM) or euler | heun (flow)."),
+    cfg_scale: float = typer.Option(1.0, "--cfg-scale"),
+    class_labels: Optional[List[int]] = typer.Option(None, "--class-labels", help="Repeatable; default cycles the classes."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
+    guidance_channels: Optional[int] = typer.Option(None, "--guidance-channels", help="3 = the reference's legacy first-3-channels guidance."),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    out: Path = typer.Option(Path("samples"), "--out"),
+):
+    """Write PNGs, a grid and an ADM-format .npz of samples from a checkpoint."""
+    from .train.sampling import sample_checkpoint
+
+    res = sample_checkpoint(checkpoint, out, num=num, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                            class_labels=class_labels, use_ema=ema, guidance_channels=guidance_channels,
+                            seed=seed, batch_size=batch_size)
+    for key, value in res.items():
+        console.print(f"{key}: {value}")
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint"),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=2),
+    metrics: Optional[List[str]] = typer.Option(None, "--metrics", help="Repeatable: fid_digits, kid_digits, class_acc_digits, fid, kid, is, prc."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="digits-train | digits-test | image folder | .npz"),
+    sampler: Optional[str] = typer.Option(None, "--sampler"),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale"),
+    ema: bool = typer.Option(True, "--ema/--no-ema"),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights"),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Log into this MLflow run (default: the checkpoint's run)."),
+    tracking_uri: Optional[str] = UriOpt,
+):
+    """Sample from a checkpoint and compute FID/KID/IS (torch-fidelity), logged to MLflow."""
+    from .eval.evaluate import evaluate_checkpoint
+
+    res = evaluate_checkpoint(checkpoint, num_samples=num_samples, metrics=metrics, reference=reference,
+                              sampler=sampler, steps=steps, cfg_scale=cfg_scale, use_ema=ema,
+                              inception_weights=str(inception_weights) if inception_weights else None,
+                              run_id=run_id, uri=tracking_uri)
+    for key, value in res.items():
+        console.print(f"{key}: {value}")
+
+
+@data_app.command("extract-latents")
+def extract_latents(
+    images: Path = typer.Option(..., "--images", help="ImageFolder root (class sub-folders)."),
+    vae: str = typer.Option(..., "--vae", help="Hub name (stabilityai/sd-vae-ft-ema) or a local directory."),
+    out: Path = typer.Option(..., "--out", help="Latent store folder to create."),
+    image_size: int = typer.Option(256, "--image-size", min=8),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    flip: bool = typer.Option(False, "--flip", help="Also store the horizontally flipped copy."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing latent store."),
+):
+    """Encode an image folder with an AutoencoderKL into a sharded latent store."""
+    from .data.latents import extract_latents as run
+
+    meta = run(str(images), vae, str(out), image_size=image_size, batch_size=batch_size, flip=flip,
+               overwrite=overwrite)
+    console.print(f"wrote {meta['count']} latents of shape {tuple(meta['shape'])} to {out}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Studies
+# ---------------------------------------------------------------------------------------------
+
+@app.command()
+def ablate(
+    name: Optional[str] = typer.Argument(None, help="Study name in studies/ (omit to list them)."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1),
+    set_: Optional[List[str]] = SetOpt,
+    tracking_uri: Optional[str] = UriOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the children's runs (default runs/<study>)."),
+):
+    """Run an ablation study: one MLflow parent run, one child per variant and seed, a report."""
+    from .studies import ablate as ab
+
+    if name is None:
+        ab.print_studies(console)
+        return
+    ab.run_ablation(name, seeds=seeds, steps=steps, overrides=_overrides(set_), uri=tracking_uri,
+                    out_dir=out, console=console)
+
+
+@app.command()
+def sweep(
+    name: str = typer.Argument(..., help="Sweep file in studies/ (e.g. scaling-lc) or a path."),
+    trials: Optional[int] = typer.Option(None, "--trials", min=1),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default sqlite:///optuna.db); the same URL on many workers joins one study."),
+    study_name: Optional[str] = typer.Option(None, "--study-name"),
+    set_: Optional[List[str]] = SetOpt,
+    tracking_uri: Optional[str] = UriOpt,
+    out: Optional[Path] = typer.Option(None, "--out"),
+):
+    """Optuna sweep over L and C (single objective with pruning, or a Pareto front)."""
+    from .studies.sweep import run_sweep
+
+    run_sweep(name, trials=trials, storage=storage, study_name=study_name, uri=tracking_uri,
+              overrides=_overrides(set_), out_dir=out)
+
+
+@app.command()
+def report(run_id: str = typer.Argument(...), tracking_uri: Optional[str] = UriOpt):
+    """Rebuild a study's table, markdown report and plot from MLflow alone."""
+    from .studies.report import report_command
+
+    report_command(run_id, uri=tracking_uri, console=console)
+
+
+@app.command()
+def rerun(run_id: str = typer.Argument(...), tracking_uri: Optional[str] = UriOpt):
+    """Re-execute a logged run from its recorded config and seed."""
+    from .studies.rerun import rerun as rerun_fn
+
+    rerun_fn(run_id, uri=tracking_uri)
+
+
+@app.command()
+def ui(
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(5000, "--port"),
+    tracking_uri: Optional[str] = UriOpt,
+):
+    """Start the MLflow UI on the same store (loopback by default)."""
+    from .tracking import launch_ui
+
+    launch_ui(tracking_uri, host=host, port=port)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Entry point: one-line errors with exit code 2 for bad input, never a traceback."""
+    try:
+        app(args=argv, standalone_mode=False, prog_name="fcdm-lab")
+    except UserError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click_exc.NoArgsIsHelpError:
+        sys.exit(0)  # typer has already printed the help
+    except click_exc.UsageError as e:
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
+        err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("interrupted")
+        sys.exit(130)
+    except click_exc.ClickException as e:
+        err_console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
