@@ -14,6 +14,7 @@ import typer
 # typer >= 0.20 vendors click; its exceptions live here (the public names cover only a few)
 from typer._click import exceptions as click_exc
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import UserError
 
@@ -278,13 +279,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         app(args=argv, standalone_mode=False, prog_name="fcdm-lab")
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except click_exc.NoArgsIsHelpError:
         sys.exit(0)  # typer has already printed the help
     except click_exc.UsageError as e:
         hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
-        err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(e.format_message() + hint)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -292,7 +293,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         err_console.print("interrupted")
         sys.exit(130)
     except click_exc.ClickException as e:
-        err_console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     sys.exit(0)
 

@@ -165,7 +165,7 @@ def _from_dict(cls: type, data: Dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(data) - set(names))
     if unknown:
         where = f"[{prefix.rstrip('.')}]" if prefix else "the experiment"
-        raise UserError(f"unknown key {prefix}{unknown[0]!r} in {where}; valid: {choices(names)}")
+        raise UserError(f"unknown key '{prefix}{unknown[0]}' in {where}; valid: {choices(names)}")
     kwargs = {}
     for name in names:
         if name not in data:
