@@ -1,0 +1,139 @@
+"""Training checkpoints on disk: atomic writes, keep-last-K, finding the newest valid one.
+
+A checkpoint is one `torch.save`d dict (`out_dir/checkpoints/step_0000500.pt`) with the reference
+repository's keys "model", "ema", "opt", "args" (so its tools can read ours) plus what an exact
+resume needs (see `trainer.py`). Only plain containers, tensors and numbers go in, so every file
+loads with `torch.load(weights_only=True)`: opening a checkpoint never runs pickled code.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+
+FORMAT = "fcdm-lab-checkpoint"
+VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step_(\d{7,})\.pt$")
+_TMP_PREFIX = ".tmp-"
+
+
+def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
+    return Path(out_dir) / CHECKPOINT_DIR
+
+
+def checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
+    return checkpoint_dir(out_dir) / f"step_{step:07d}.pt"
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every `step_*.pt` in `out_dir/checkpoints`, oldest first."""
+    folder = checkpoint_dir(out_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and p.is_file()]
+    return sorted(found)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash (or SIGKILL) mid-write leaves at most a hidden `.tmp-*` file, never a truncated
+    checkpoint under the real name; `os.replace` is atomic within one filesystem.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP_PREFIX}{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete `.tmp-*` files a killed writer left in the checkpoint folder; returns them."""
+    folder = checkpoint_dir(out_dir)
+    stale = [p for p in folder.glob(f"{_TMP_PREFIX}*") if p.is_file()] if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Keep the newest `keep_last` checkpoints, delete the rest; returns the deleted paths."""
+    old = [p for _, p in list_checkpoints(out_dir)[:-keep_last]] if keep_last > 0 else []
+    for p in old:
+        p.unlink(missing_ok=True)
+    return old
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint dict safely (weights_only); UserError if it is missing or not a checkpoint.
+
+    argparse.Namespace is allowed because the reference repository stores its "args" as one.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {str(path)!r} does not exist")
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} is not a file")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, pickled classes we do not allow
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{str(path)!r} is not a readable checkpoint ({first})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{str(path)!r} is not a checkpoint: it holds a {type(obj).__name__}, not a dict")
+    return obj
+
+
+def is_training_checkpoint(ckpt: dict) -> bool:
+    return ckpt.get("format") == FORMAT
+
+
+def find_latest_checkpoint(out_dir: str | os.PathLike) -> tuple[Path, dict] | None:
+    """The newest checkpoint in `out_dir/checkpoints` that loads, with its contents; None if none.
+
+    Newest first; an unreadable file (a disk that filled up, a copy cut short) is skipped for the
+    one before it.
+    """
+    for _, path in reversed(list_checkpoints(out_dir)):
+        try:
+            ckpt = read_checkpoint(path)
+        except UserError:
+            continue
+        if is_training_checkpoint(ckpt):
+            return path, ckpt
+    return None
