@@ -107,6 +107,7 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed"),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<experiment>)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="latest | PATH to a checkpoint."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop at this step (the schedule stays that of train.steps; resume later)."),
     set_: Optional[List[str]] = SetOpt,
     tracking_uri: Optional[str] = UriOpt,
     track: bool = typer.Option(True, "--track/--no-track", help="Log the run to MLflow."),
@@ -124,11 +125,11 @@ def train(
     if track:
         from .tracking import train_tracked
 
-        result, run_id = train_tracked(cfg, out_dir, uri=tracking_uri, resume=resume)
+        result, run_id = train_tracked(cfg, out_dir, uri=tracking_uri, resume=resume, max_steps=max_steps)
     else:
         from .train import train as train_fn
 
-        result, run_id = train_fn(cfg, out_dir, resume=resume), None
+        result, run_id = train_fn(cfg, out_dir, resume=resume, max_steps=max_steps), None
     if result is not None:
         console.print(f"[bold green]done[/]: {result.step} steps in {result.wall_time_s:.0f} s "
                       f"({result.images_per_s:.0f} images/s), final loss {result.final_loss:.4f}")
@@ -143,7 +144,9 @@ def sample(
     num: int = typer.Option(64, "--num", min=1),
     steps: int = typer.Option(250, "--steps", min=1),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="ddpm | ddim (iDDPM) or euler | heun (flow)."),
+    eta: float = typer.Option(0.0, "--eta", help="DDIM eta (0 = deterministic)."),
     cfg_scale: float = typer.Option(1.0, "--cfg-scale"),
+    vae: Optional[str] = typer.Option(None, "--vae", help="VAE directory or hub name to decode latents (default: the run's)."),
     class_labels: Optional[List[int]] = typer.Option(None, "--class-labels", help="Repeatable; default cycles the classes."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
     guidance_channels: Optional[int] = typer.Option(None, "--guidance-channels", help="3 = the reference's legacy first-3-channels guidance."),
@@ -154,7 +157,7 @@ def sample(
     """Write PNGs, a grid and an ADM-format .npz of samples from a checkpoint."""
     from .train.sampling import sample_checkpoint
 
-    res = sample_checkpoint(checkpoint, out, num=num, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+    res = sample_checkpoint(checkpoint, out, num=num, steps=steps, sampler=sampler, eta=eta, cfg_scale=cfg_scale, vae=vae,
                             class_labels=class_labels, use_ema=ema, guidance_channels=guidance_channels,
                             seed=seed, batch_size=batch_size)
     for key, value in res.items():

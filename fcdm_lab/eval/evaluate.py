@@ -1,0 +1,247 @@
+"""Evaluate a trained model: sample with its EMA weights, compute metrics, log them to its run.
+
+    metrics = evaluate_checkpoint("runs/tiny/checkpoints/step_0001500.pt")     # the CLI's evaluate
+    metrics = evaluate_model(model, cfg, tracker=tracker, step=1500)           # in-process (ablate)
+
+Metric names say which features judged them (facts: proxy metrics must never pass for FID-50K):
+  fid_digits, kid_digits, is_digits, precision_digits, recall_digits   the digits CNN's features
+  class_acc_digits                                                     share of samples the digits
+                                                                       classifier labels as their class
+  fid_inception, kid_inception, is_inception, precision_inception, recall_inception
+                                                                       Inception-v3; the result key
+                                                                       carries the sample count
+                                                                       (fid_inception_5k)
+Short names (fid, kid, is, prc) pick the digits CNN for digits data and Inception otherwise.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping
+
+import torch
+
+from ..errors import UserError, choices
+
+FEATURE_METRICS = {"fid": "fid", "kid": "kid", "is": "is", "precision": "prc", "recall": "prc"}
+EXTRACTOR_TAGS = ("digits", "inception")
+CLASS_ACC = "class_acc_digits"
+METRIC_NAMES = tuple([f"{m}_{tag}" for tag in EXTRACTOR_TAGS for m in FEATURE_METRICS] + [CLASS_ACC])
+GRID_SIZE = 64
+
+
+def check_metric_names(names: Iterable[str]) -> List[str]:
+    names = list(names)
+    if not names:
+        raise UserError(f"no metrics requested; valid: {choices(METRIC_NAMES)}")
+    bad = [n for n in names if n not in METRIC_NAMES]
+    if bad:
+        raise UserError(f"unknown metric {bad[0]!r}; valid: {choices(METRIC_NAMES)}")
+    return names
+
+
+def expand_metric_names(names: Iterable[str], data_name: str) -> List[str]:
+    """Short names as torch-fidelity calls them ("fid", "kid", "is", "prc") -> the judged names:
+    the digits CNN for digits data, Inception otherwise. Full names pass through."""
+    tag = "digits" if data_name == "digits" else "inception"
+    out: List[str] = []
+    for name in names:
+        short = {"prc": ["precision", "recall"]}.get(name, [name] if name in FEATURE_METRICS else None)
+        for n in ([f"{m}_{tag}" for m in short] if short else [name]):
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def plan_metrics(names: Iterable[str]) -> Dict[str, Any]:
+    """{"digits": torch-fidelity metrics for the digits CNN, "inception": ..., "labels": bool}."""
+    plan: Dict[str, Any] = {"digits": [], "inception": [], "labels": False}
+    for name in check_metric_names(names):
+        if name == CLASS_ACC:
+            plan["labels"] = True
+            continue
+        metric, tag = name.rsplit("_", 1)
+        fid_name = FEATURE_METRICS[metric]
+        if fid_name not in plan[tag]:
+            plan[tag].append(fid_name)
+    return plan
+
+
+def result_key_matches(requested: str, key: str) -> bool:
+    """Does a result key answer a requested metric? 'fid_inception' -> 'fid_inception_5k'
+    (the sample count is added to Inception metrics); '_std' companions do not count."""
+    if key.endswith("_std"):
+        return False
+    return key == requested or (requested.endswith("_inception") and key.startswith(requested + "_"))
+
+
+def metric_key(requested: str, keys: Iterable[str]) -> str | None:
+    """The result key among `keys` that answers `requested` (None if absent)."""
+    return next((k for k in sorted(keys) if result_key_matches(requested, k)), None)
+
+
+def default_reference(cfg) -> str:
+    """The real images to compare with when none is given: the digits training split for digits."""
+    if cfg.data.name == "digits":
+        return "digits-train"
+    raise UserError(f"give a reference set for data {cfg.data.name!r} (--reference / eval.reference): a folder "
+                    f"of PNGs or an ADM .npz of real images; 'digits-train' and 'digits-test' serve digits data")
+
+
+def compute_sample_metrics(images: torch.Tensor, labels: torch.Tensor | None, *, metrics: Iterable[str],
+                           reference, data_name: str, inception_weights=None) -> Dict[str, float]:
+    """Metrics of a uint8 sample set (N, C, H, W) by the names above; `labels` are the classes the
+    samples were conditioned on (needed for class_acc_digits)."""
+    from . import compute_metrics
+
+    plan = plan_metrics(metrics)
+    if (plan["digits"] or plan["labels"]) and data_name != "digits":
+        raise UserError(f"*_digits metrics judge with the digits classifier and need data.name = 'digits' "
+                        f"(got {data_name!r}); use the *_inception metrics ({choices(METRIC_NAMES[5:10])})")
+    out: Dict[str, float] = {}
+    if plan["digits"] or plan["labels"]:
+        if plan["labels"] and labels is None:
+            raise UserError("class_acc_digits needs the class labels the samples were conditioned on")
+        from .classifier import get_digits_classifier
+
+        # Train/cache the judge here, with autograd on: class_consistency runs under torch.no_grad,
+        # where a first-use training of the classifier would fail.
+        get_digits_classifier("cpu")
+        out.update(compute_metrics(images, reference, extractor="digits", metrics=plan["digits"],
+                                   labels=labels if plan["labels"] else None))
+    if plan["inception"]:
+        out.update(compute_metrics(images, reference, extractor="inception", metrics=plan["inception"],
+                                   inception_weights=inception_weights))
+    wanted = list(metrics)
+    return {k: v for k, v in out.items()
+            if any(result_key_matches(w, k[:-4] if k.endswith("_std") else k) for w in wanted)}
+
+
+def _grid(images: torch.Tensor):
+    """First GRID_SIZE samples as one HWC uint8 array (small images enlarged, as the trainer's grids)."""
+    from ..train.sampling import grid_array
+
+    return grid_array(images[:GRID_SIZE], nrow=8)
+
+
+def evaluate_model(model: torch.nn.Module, cfg, *, num_samples: int | None = None, metrics: Iterable[str] | None = None,
+                   reference=None, sampler: str | None = None, steps: int | None = None, cfg_scale: float | None = None,
+                   inception_weights=None, seed: int = 0, batch_size: int | None = None, device="cpu",
+                   tracker=None, step: int | None = None, weights: str = "ema", data_info: Mapping | None = None,
+                   save_dir=None, progress: bool = True) -> Dict[str, float]:
+    """Sample `num_samples` images from a loaded model (settings default to cfg.eval), compute
+    `metrics` and, with a tracker, log them at `step` with the sample grid and tag eval.weights.
+    `weights` ("ema" | "raw") only labels what the model holds; `data_info` (the trainer's) names
+    the VAE of latent models. Returns {metric: value} (KID/IS with their _std companions)."""
+    from ..train.sampling import IMAGE_CHANNELS, generate, load_vae_for, objective_for
+
+    ev = cfg.eval
+    metrics = check_metric_names(expand_metric_names(ev.metrics if metrics is None else metrics, cfg.data.name))
+    num = ev.num_samples if num_samples is None else num_samples
+    if num < 1:
+        raise UserError(f"num_samples must be >= 1, got {num}")
+    reference = reference or ev.reference or default_reference(cfg)
+    inception_weights = inception_weights or ev.inception_weights
+    if plan_metrics(metrics)["inception"] and inception_weights and not Path(inception_weights).expanduser().is_file():
+        raise UserError(f"Inception weights file {str(inception_weights)!r} does not exist")  # before sampling
+    objective = objective_for(cfg, model)
+    vae, scale = None, None
+    if (data_info or {}).get("vae") or int(model.config.in_channels) not in IMAGE_CHANNELS:
+        vae, scale = load_vae_for(dict(data_info or {}), None, device)
+
+    start = time.time()
+    # labels None: classes cycle 0..K-1, a balanced sample set
+    images, labels = generate(model, objective, num=num, class_labels=None, sampler=sampler or ev.sampler,
+                              steps=steps or ev.steps, eta=ev.eta,
+                              cfg_scale=ev.cfg_scale if cfg_scale is None else cfg_scale,
+                              guidance_channels=ev.guidance_channels, batch_size=batch_size or ev.batch_size,
+                              seed=seed, device=device, vae=vae, latent_scale=scale, progress=progress,
+                              distributed=False)
+    sample_time = time.time() - start
+    if save_dir is not None:
+        from .samples_io import save_npz
+
+        save_npz(Path(save_dir) / f"samples_{weights}_step{step or 0}_n{num}.npz", images)
+    values = compute_sample_metrics(images, labels, metrics=metrics, reference=reference, data_name=cfg.data.name,
+                                    inception_weights=inception_weights)
+    if tracker is not None:
+        tracker.log_metrics({**values, "eval.num_samples": num, "eval.sample_time_s": sample_time,
+                             "eval.wall_time_s": time.time() - start}, step=step or 0)
+        tracker.set_tags({"eval.weights": weights, "eval.reference": str(reference), "eval.seed": seed})
+        tracker.log_image(_grid(images), f"samples/eval_{weights}_step{step or 0}.png")
+    return values
+
+
+def evaluate_checkpoint(checkpoint, *, num_samples: int | None = None, metrics: Iterable[str] | None = None,
+                        reference=None, sampler: str | None = None, steps: int | None = None,
+                        cfg_scale: float | None = None, use_ema: bool = True, inception_weights=None, seed: int = 0,
+                        run_id: str | None = None, uri: str | None = None, batch_size: int | None = None,
+                        tracker=None, progress: bool = True, console=None) -> Dict[str, float]:
+    """The `fcdm-lab evaluate` library function: load a checkpoint (EMA weights unless use_ema=False),
+    sample, compute metrics and log them into its training run (`run_id`, else the one recorded in
+    the training folder's mlflow_run.json), or into a new evaluation run tagged with the source
+    when the training run is unknown. Returns {metric: value}."""
+    from ..tracking import RunPointer, attach_run, get_client, tracked_run
+    from ..train.sampling import load_checkpoint
+
+    say = console.print if console is not None else (print if progress else (lambda *a, **k: None))
+    path = Path(checkpoint)
+    if not path.exists():
+        raise UserError(f"checkpoint {str(path)!r} does not exist (a training folder's checkpoints/step_*.pt "
+                        f"or ema.safetensors)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, cfg, info = load_checkpoint(path, use_ema=use_ema, device=device)
+    info = dict(info or {})
+    data_info = info.get("data_info") or {}
+    if cfg is None:  # a reference checkpoint: no recorded config, evaluation settings from the defaults
+        from ..config import ExperimentConfig
+
+        cfg = ExperimentConfig(name=path.stem)
+        cfg.data.name = data_info.get("name", "latents" if int(model.config.in_channels) == 4 else "unknown")
+    weights = "ema" if info.get("weights", "ema" if use_ema else "model") == "ema" else "raw"
+    step = info.get("step")
+    say(f"Evaluating the {'EMA' if weights == 'ema' else 'raw (non-EMA)'} weights of {path}"
+        + (f" (step {step})" if step is not None else ""))
+    kwargs = dict(num_samples=num_samples, metrics=metrics, reference=reference, sampler=sampler, steps=steps,
+                  cfg_scale=cfg_scale, inception_weights=inception_weights, seed=seed, batch_size=batch_size,
+                  step=step, weights=weights, data_info=data_info, save_dir=_eval_dir(path),
+                  device=device, progress=progress)
+    if tracker is not None:
+        return evaluate_model(model, cfg, tracker=tracker, **kwargs)
+
+    pointer = RunPointer.find(path)
+    target = None
+    if run_id is not None:
+        target = attach_run(run_id, uri)
+    elif pointer is not None:
+        try:
+            target = attach_run(pointer.run_id, uri or pointer.tracking_uri)
+            uri = uri or pointer.tracking_uri
+        except UserError:
+            say(f"training run {pointer.run_id} (recorded in {pointer.tracking_uri}) is not in this store; "
+                f"logging to a new evaluation run")
+        if target is not None and target.client.get_run(target.run_id).data.tags.get("kind") == "ablation-child":
+            # a study's report reads its children's metrics: another evaluation must not replace them
+            say(f"run {target.run_id} is a study child; logging to a new evaluation run linked to it "
+                f"(pass --run-id to log into it anyway)")
+            target = None
+    else:
+        get_client(uri)  # probe the store before sampling, not after
+    if target is not None:
+        values = evaluate_model(model, cfg, tracker=target, **kwargs)
+        say(f"Logged to run {target.run_id}")
+        return values
+    tags = {"kind": "evaluation", "fcdm.source_checkpoint": str(path.resolve()),
+            "fcdm.source_run": pointer.run_id if pointer else None}
+    with tracked_run(f"eval-{cfg.name}", uri=uri, tags=tags) as tr:
+        values = evaluate_model(model, cfg, tracker=tr, **kwargs)
+    say(f"Logged to new run {tr.run_id}")
+    return values
+
+
+def _eval_dir(checkpoint: Path) -> Path:
+    """Samples are kept next to the training folder: <out_dir>/eval/."""
+    if checkpoint.is_dir():
+        return checkpoint / "eval"
+    folder = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    return folder / "eval"

@@ -1,0 +1,391 @@
+"""Study files: a base experiment, variants as config overrides, seeds, metrics, compute matching.
+
+    description = "Does GRN beat compact channel attention (DiCo's CCA)?"
+    base = "tiny-digits"          # an experiment in experiments/ (or a path)
+    seeds = 1                     # seed of repeat i = train.seed + i, the same for every variant
+    steps = 1500                  # optional: train.steps of every child
+    metrics = ["fid_digits", "kid_digits", "class_acc_digits"]
+    primary = "fid_digits"        # sorted by / plotted; acc, is, precision, recall are higher-is-better
+    compute_matched = true        # variants with `match` get their knob solved to the baseline's GMACs
+    baseline = "grn"              # paired differences are taken against it
+    set = { "eval.num_samples" = 500 }
+
+    [[variants]]
+    name = "cca"
+    set = { "model.block" = { family = "convnext", mixer = "cca" } }
+    match = "ratio"
+    paper = { gflops = 48.3, fid = 23.85, is = 61.60 }
+
+Loading is strict (unknown key or wrong type: a UserError naming it). Every child's config is
+resolved here, before anything trains, so a bad override fails at once.
+
+Override order for a child: base experiment < study `set` < variant `set` < the command line's
+`--set` < `--steps` / study `steps`; then the seed and the compute-matching target.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+from ..config import (ExperimentConfig, apply_overrides, config_from_dict, parse_override, read_toml,
+                      resolve_experiment_path)
+from ..errors import UserError, choices
+
+STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
+HIGHER_IS_BETTER = ("acc", "is_", "precision", "recall")
+
+# key -> (type, required, what it is)
+STUDY_KEYS: Dict[str, tuple] = {
+    "kind": (str, False, "'ablation' (default); files with kind = 'sweep' are Optuna sweeps"),
+    "description": (str, False, "one line saying what the study asks"),
+    "base": (str, True, "an experiment name in experiments/ or a path to one"),
+    "seeds": (int, False, "repeats per variant (default 1)"),
+    "steps": (int, False, "training steps of every child"),
+    "metrics": (list, False, "metric names (default: the base experiment's eval.metrics)"),
+    "primary": (str, False, "the metric to sort by and plot (default: the first metric)"),
+    "compute_matched": (bool, False, "solve `match` knobs to the baseline's GMACs (default true)"),
+    "baseline": (str, False, "variant the paired differences are taken against (default: the first)"),
+    "set": (dict, False, "overrides applied to every variant"),
+    "variants": (list, True, "[[variants]] tables"),
+}
+VARIANT_KEYS: Dict[str, tuple] = {
+    "name": (str, True, "short variant name"),
+    "set": (dict, False, "config overrides of this variant"),
+    "match": (str, False, "knob solved for compute matching: ratio | ffn_ratio | width"),
+    "paper": (dict, False, "the paper's row: gflops, fid, is"),
+}
+PAPER_KEYS = ("gflops", "fid", "is")
+SECTIONS = ("model", "data", "diffusion", "train", "eval")
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # used in folder names and MLflow filters
+
+
+def lower_is_better(metric: str) -> bool:
+    """FID/KID/loss: lower is better; accuracy, Inception Score, precision, recall: higher."""
+    name = metric.lower()
+    return not any(name.startswith(p) or f"_{p}" in name for p in HIGHER_IS_BETTER)
+
+
+@dataclass
+class Variant:
+    name: str
+    set: Dict[str, Any] = field(default_factory=dict)   # flattened dotted keys
+    match: Optional[str] = None
+    paper: Optional[Dict[str, float]] = None
+
+
+@dataclass
+class StudySpec:
+    name: str
+    path: str
+    base: str
+    variants: List[Variant]
+    description: str = ""
+    seeds: int = 1
+    steps: Optional[int] = None
+    metrics: List[str] = field(default_factory=list)
+    primary: str = ""
+    compute_matched: bool = True
+    baseline: str = ""
+    set: Dict[str, Any] = field(default_factory=dict)
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise UserError(f"study {self.name!r} has no variant {name!r}; variants: {choices(self.variant_names())}")
+
+    def variant_names(self) -> List[str]:
+        return [v.name for v in self.variants]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ChildPlan:
+    """One child run of a study: a variant trained with one seed."""
+
+    variant: str
+    seed_index: int
+    seed: int
+    cfg: ExperimentConfig
+
+
+@dataclass
+class StudyPlan:
+    spec: StudySpec
+    children: List[ChildPlan]
+    seeds: int
+    steps: Optional[int]
+    overrides: Dict[str, Any]
+    baseline_gmacs: Optional[float]
+    settings_hash: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+def study_kind(path: Path) -> str:
+    """'ablation' or 'sweep' (the `kind` key; studies/ holds both kinds of file)."""
+    kind = read_toml(path).get("kind", "ablation")
+    return kind if isinstance(kind, str) else "ablation"
+
+
+def study_names(kind: str = "ablation") -> List[str]:
+    """Names of the bundled study files of one kind."""
+    return sorted(p.stem for p in STUDIES_DIR.glob("*.toml") if study_kind(p) == kind)
+
+
+def resolve_study_path(name_or_path: str | Path) -> Path:
+    """A study is a path to a TOML file or the name of one in `studies/`."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.is_file():
+        if not p.is_file():
+            raise UserError(f"study file {str(p)!r} not found; bundled studies: {choices(study_names())}")
+        return p
+    candidate = STUDIES_DIR / f"{name_or_path}.toml"
+    if not candidate.is_file():
+        raise UserError(f"unknown study {str(name_or_path)!r}; available: {choices(study_names())} "
+                        f"(or a path to a .toml file)")
+    return candidate
+
+
+def _typed(where: str, key: str, value: Any, typ: type) -> Any:
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, typ) or (typ in (int, float) and isinstance(value, bool)):
+        names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+                 list: "a list", dict: "a table"}
+        raise UserError(f"{where}: {key!r} must be {names[typ]}, got {value!r}")
+    return value
+
+
+def _strict(where: str, data: Mapping[str, Any], keys: Dict[str, tuple]) -> Dict[str, Any]:
+    unknown = sorted(set(data) - set(keys))
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r}; valid keys: {choices(keys)}")
+    missing = [k for k, (_, required, _) in keys.items() if required and k not in data]
+    if missing:
+        raise UserError(f"{where}: missing key {missing[0]!r} ({keys[missing[0]][2]})")
+    return {k: _typed(where, k, v, keys[k][0]) for k, v in data.items()}
+
+
+def flatten_overrides(data: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    """`{"model.block" = {...}}` and `{model = {block = {...}}}` both -> {"model.block": {...}}.
+
+    Tables are walked through the config's sections only: `model.block` is itself a table value
+    and must be set whole (or key by key with dotted keys such as "model.block.kernel")."""
+    out: Dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise UserError(f"{where}: {key!r} is a config section; set its keys, e.g. \"{key}.KEY\" = VALUE")
+            for sub, v in value.items():
+                out[f"{key}.{sub}"] = v
+        else:
+            out[key] = value
+    return out
+
+
+def load_study(name_or_path: str | Path) -> StudySpec:
+    path = resolve_study_path(name_or_path)
+    data = read_toml(path)
+    name = path.stem
+    where = f"study {name!r} ({path})"
+    if data.get("kind") == "sweep":
+        raise UserError(f"{name!r} is a sweep, not an ablation: run it with `fcdm-lab sweep {name}`; "
+                        f"ablations: {choices(study_names())}")
+    top = _strict(where, data, STUDY_KEYS)
+    if top.get("kind", "ablation") != "ablation":
+        raise UserError(f"{where}: kind = {top['kind']!r}; valid: ablation, sweep")
+
+    variants: List[Variant] = []
+    for i, raw in enumerate(top["variants"]):
+        if not isinstance(raw, dict):
+            raise UserError(f"{where}: variants must be [[variants]] tables, got {raw!r}")
+        vwhere = f"{where}, variant {raw.get('name', i + 1)!r}"
+        v = _strict(vwhere, raw, VARIANT_KEYS)
+        paper = None
+        if "paper" in v:
+            paper = _strict(f"{vwhere}, paper", v["paper"], {k: (float, False, "") for k in PAPER_KEYS})
+        overrides = flatten_overrides(v.get("set", {}), vwhere)
+        if "train.seed" in overrides:
+            raise UserError(f"{vwhere}: variants may not set train.seed (seeds are paired across variants; "
+                            f"set it in the study's `set` instead)")
+        if not VARIANT_NAME.match(v["name"]):
+            raise UserError(f"{vwhere}: variant names may use letters, digits and _ . + - only")
+        variants.append(Variant(v["name"], overrides, v.get("match"), paper))
+    if not variants:
+        raise UserError(f"{where}: needs at least one [[variants]] table")
+    names = [v.name for v in variants]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"{where}: duplicate variant name {dupes[0]!r}")
+
+    spec = StudySpec(name=name, path=str(path), base=top["base"], variants=variants,
+                     description=top.get("description", ""), seeds=top.get("seeds", 1), steps=top.get("steps"),
+                     metrics=list(top.get("metrics", [])), primary=top.get("primary", ""),
+                     compute_matched=top.get("compute_matched", True), baseline=top.get("baseline", names[0]),
+                     set=flatten_overrides(top.get("set", {}), where))
+    for m in spec.metrics:
+        _typed(where, "metrics[]", m, str)
+    if spec.seeds < 1:
+        raise UserError(f"{where}: 'seeds' must be >= 1, got {spec.seeds}")
+    if spec.steps is not None and spec.steps < 1:
+        raise UserError(f"{where}: 'steps' must be >= 1, got {spec.steps}")
+    if spec.baseline not in names:
+        raise UserError(f"{where}: baseline {spec.baseline!r} is not a variant; variants: {choices(names)}")
+    from ..models.matching import KNOBS
+
+    for v in variants:
+        if v.match is not None and v.match not in KNOBS:
+            raise UserError(f"{where}, variant {v.name!r}: match = {v.match!r}; valid knobs: {choices(KNOBS)}")
+    if spec.variant(spec.baseline).match is not None:
+        raise UserError(f"{where}: the baseline {spec.baseline!r} cannot have `match` (it is the compute target)")
+    resolve_experiment_path(_base_path(spec))  # unknown base experiment: fail at load time
+    if not spec.metrics:
+        spec.metrics = list(load_base(spec).eval.metrics)
+    if not spec.primary:
+        spec.primary = spec.metrics[0]
+    if spec.primary not in spec.metrics:
+        raise UserError(f"{where}: primary metric {spec.primary!r} is not in metrics ({choices(spec.metrics)})")
+    from ..eval.evaluate import check_metric_names
+
+    check_metric_names(spec.metrics)
+    return spec
+
+
+def _base_path(spec: StudySpec) -> str:
+    """`base` relative to the study file when it is a path, else an experiment name."""
+    base = Path(spec.base)
+    if base.suffix == ".toml" and not base.is_absolute():
+        return str(Path(spec.path).parent / base)
+    return spec.base
+
+
+def load_base(spec: StudySpec) -> ExperimentConfig:
+    data = read_toml(resolve_experiment_path(_base_path(spec)))
+    data.setdefault("name", Path(_base_path(spec)).stem)
+    return config_from_dict(apply_overrides(data, spec.set))
+
+
+def list_studies() -> List[StudySpec]:
+    return [load_study(n) for n in study_names()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving every child's config
+# ---------------------------------------------------------------------------------------------
+
+def normalize_overrides(overrides: Mapping[str, Any] | List[str] | None) -> Dict[str, Any]:
+    if overrides is None:
+        return {}
+    if isinstance(overrides, (list, tuple)):
+        return dict(parse_override(o) for o in overrides)
+    return dict(overrides)
+
+
+def _data_shape(cfg: ExperimentConfig) -> tuple[int, int, int]:
+    """(input_size, in_channels, num_classes) of the training data (reads only metadata for stores)."""
+    from ..data.build import CONFIG_KEYS, build_dataset
+
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k in CONFIG_KEYS and v is not None}
+    _, info = build_dataset(data, split="train")
+    return info["image_size"], info["channels"], info["num_classes"]
+
+
+def model_info_for(cfg: ExperimentConfig) -> Dict[str, Any]:
+    """build_model's info for a config, built on the meta device (no memory, no init cost)."""
+    import torch
+
+    from ..models.build import build_model
+
+    size, channels, classes = _data_shape(cfg)
+    with torch.device("meta"):
+        _, info = build_model(cfg.model, input_size=size, in_channels=channels, num_classes=classes)
+    return info
+
+
+def plan_study(spec: StudySpec, *, seeds: int | None = None, steps: int | None = None,
+               overrides: Mapping[str, Any] | List[str] | None = None, need_target: bool = True) -> StudyPlan:
+    """Resolve the config of every (variant, seed) child; solves nothing heavy except the
+    baseline's GMACs (meta device) when a variant is compute-matched."""
+    seeds = spec.seeds if seeds is None else seeds
+    steps = spec.steps if steps is None else steps
+    if seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    if steps is not None and steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
+    cli = normalize_overrides(overrides)
+    data = read_toml(resolve_experiment_path(_base_path(spec)))
+    data.setdefault("name", Path(_base_path(spec)).stem)
+
+    def child_config(variant: Variant, extra: Dict[str, Any]) -> ExperimentConfig:
+        d = apply_overrides(data, spec.set)
+        d = apply_overrides(d, variant.set)
+        d = apply_overrides(d, cli)
+        d = apply_overrides(d, {"eval.metrics": list(spec.metrics), **({"train.steps": steps} if steps else {}),
+                                **extra})
+        try:
+            return config_from_dict(d)
+        except UserError as e:
+            raise UserError(f"study {spec.name!r}, variant {variant.name!r}: {e}") from None
+
+    base_seed = config_from_dict(apply_overrides(apply_overrides(data, spec.set), cli)).train.seed
+    matched = [v for v in spec.variants if spec.compute_matched and v.match]
+    target = None
+    if matched and need_target:
+        target = model_info_for(child_config(spec.variant(spec.baseline), {}))["gmacs"]
+
+    children: List[ChildPlan] = []
+    for i in range(seeds):  # seed-major: an interrupted study has whole pairs done first
+        for v in spec.variants:
+            extra: Dict[str, Any] = {"train.seed": base_seed + i}
+            if v in matched:
+                extra.update({"model.match_flops": v.match, "model.match_target_gmacs": target})
+            children.append(ChildPlan(v.name, i, base_seed + i, child_config(v, extra)))
+
+    settings = {"study": spec.name, "spec": spec.to_dict() | {"path": None}, "seeds": seeds,
+                "children": [[c.variant, c.seed, c.cfg.to_dict()] for c in children]}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return StudyPlan(spec, children, seeds, steps, cli, target, digest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiling a study's variants at another model (`fcdm-lab profile FCDM-L --study paper-ablation`)
+# ---------------------------------------------------------------------------------------------
+
+PAPER_MODEL, PAPER_RESOLUTION = "FCDM-L", 256   # the setting of the paper's ablation table
+
+
+def profile_study(study: str, model: str, *, resolutions=(256,), overrides: Mapping[str, Any] | None = None,
+                  pixel: bool = False, **common: Any) -> List[Dict[str, Any]]:
+    """Params and GMACs of every variant's block built at `model` (e.g. FCDM-L), with the study's
+    compute matching solved to the baseline's GMACs at that model and resolution. Rows are
+    `profile_model` dicts plus "variant"; at FCDM-L 256x256 "paper_gmacs" is the paper's FLOPs.
+    overrides: profile-style model/block settings (L=3, kernel=5) applied to every variant."""
+    from ..models.profile import profile_model
+
+    spec = load_study(study)
+    plan = plan_study(spec, seeds=1, need_target=False)
+    blocks = {c.variant: c.cfg.model.block for c in plan.children}
+    overrides = dict(overrides or {})
+    rows: List[Dict[str, Any]] = []
+    for res in resolutions:
+        kw = dict(resolution=res, pixel=pixel, overrides=overrides, **common)
+        target = profile_model(model, block=blocks[spec.baseline], **kw)["gmacs"]
+        for v in spec.variants:
+            knob = v.match if spec.compute_matched else None
+            row = profile_model(model, block=blocks[v.name], match=knob, match_target=target if knob else None, **kw)
+            row["variant"] = v.name
+            if v.paper and "gflops" in v.paper and model == PAPER_MODEL and res == PAPER_RESOLUTION and not pixel \
+                    and not overrides:
+                row["paper_gmacs"] = v.paper["gflops"]
+            rows.append(row)
+    return rows

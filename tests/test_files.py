@@ -1,0 +1,119 @@
+"""Every bundled file parses and builds: each experiment's model and each study's variants (on the
+meta device: no memory, no init), with compute matching solved where a study asks for it."""
+import functools
+import json
+import tomllib
+
+import pytest
+import torch
+
+from fcdm_lab.config import EXPERIMENTS_DIR, apply_overrides, config_from_dict, experiment_names, load_experiment
+from fcdm_lab.errors import UserError
+from fcdm_lab.models.build import build_model
+from fcdm_lab.models.matching import TOLERANCE
+from fcdm_lab.studies.spec import (STUDIES_DIR, flatten_overrides, load_study, model_info_for, plan_study,
+                                   study_kind)
+
+# Shapes of datasets that are not on this machine: (input side, channels, classes).
+KNOWN_SHAPES = {"mnist": (28, 1, 10), "fashionmnist": (28, 1, 10), "cifar10": (32, 3, 10)}
+
+
+def data_shape(cfg):
+    """The data's shape from the data itself when present, else from what the dataset is."""
+    from fcdm_lab.studies.spec import _data_shape
+
+    try:
+        return _data_shape(cfg)
+    except UserError:  # data not on this machine (latent stores, image folders, downloads)
+        size = cfg.data.image_size
+        if cfg.data.name == "latents":
+            return ((size or 256) // 8, 4, 1000)
+        if cfg.data.name == "imagefolder":
+            return (size, 3, 1000)
+        return KNOWN_SHAPES[cfg.data.name]
+
+
+@functools.lru_cache(maxsize=None)
+def _info(model_and_data: str):
+    from fcdm_lab.config import ExperimentConfig, ModelConfig, DataConfig
+
+    d = json.loads(model_and_data)
+    return model_info_for(ExperimentConfig(model=ModelConfig(**d["model"]), data=DataConfig(**d["data"])))
+
+
+def info_of(cfg):
+    """model_info_for, memoised over the test session: the studies share most variants, and
+    solving a compute match takes a few dozen GMAC counts."""
+    return _info(json.dumps({"model": cfg.to_dict()["model"], "data": cfg.to_dict()["data"]}, sort_keys=True))
+
+
+@pytest.mark.parametrize("name", experiment_names())
+def test_experiment_builds(name):
+    cfg = load_experiment(name)
+    size, channels, classes = data_shape(cfg)
+    with torch.device("meta"):
+        model, info = build_model(cfg.model, input_size=size, in_channels=channels, num_classes=classes)
+    assert info["params"] > 0 and info["gmacs"] > 0
+    assert next(model.parameters()).device.type == "meta"
+
+
+STUDY_FILES = sorted(p.stem for p in STUDIES_DIR.glob("*.toml"))
+
+
+@pytest.mark.parametrize("name", STUDY_FILES)
+def test_study_file_parses_and_builds(name):
+    path = STUDIES_DIR / f"{name}.toml"
+    if study_kind(path) == "sweep":
+        # Optuna sweeps are run and tested by the sweep module; here: the base and its overrides load.
+        data = tomllib.loads(path.read_text())
+        base = tomllib.loads((EXPERIMENTS_DIR / f"{data['base']}.toml").read_text())
+        config_from_dict(apply_overrides(base, flatten_overrides(data.get("set", {}), name)))
+        with pytest.raises(UserError, match="is a sweep"):
+            load_study(name)
+        return
+    spec = load_study(name)
+    assert spec.description and spec.primary in spec.metrics and len(spec.variants) >= 2
+    plan = plan_study(spec)
+    assert len(plan.children) == spec.seeds * len(spec.variants)
+    assert len({c.cfg.train.seed for c in plan.children}) == spec.seeds  # paired: one seed per repeat
+    infos = {c.variant: info_of(c.cfg) for c in plan.children}
+    base = infos[spec.baseline]["gmacs"]
+    for v in spec.variants:
+        match = infos[v.name]["match"]
+        if spec.compute_matched and v.match:
+            assert match["knob"] == v.match and match["target_gmacs"] == pytest.approx(base)
+            # continuous knobs land within 1%; the width moves in steps of 2 channels (coarse at C=32)
+            assert abs(match["rel_err"]) <= (TOLERANCE if v.match != "width" else 0.05)
+        else:
+            assert match is None
+
+
+def test_paper_ablation_has_the_papers_seven_rows():
+    spec = load_study("paper-ablation")
+    rows = {v.name: (v.paper["gflops"], v.paper["fid"], v.paper["is"]) for v in spec.variants}
+    assert rows == {"default": (48.3, 19.97, 69.19), "k5": (48.2, 20.48, 66.69), "k3": (48.1, 21.28, 64.11),
+                    "cca": (48.3, 23.85, 61.60), "extra-ffn": (48.2, 28.52, 47.16),
+                    "no-bottleneck": (48.3, 28.76, 52.20), "resnet": (48.4, 31.14, 49.10)}
+    matched = {v.name: v.match for v in spec.variants if v.match}
+    assert matched == {"cca": "ratio", "extra-ffn": "ratio", "no-bottleneck": "width", "resnet": "ratio"}
+
+
+def test_profile_study_at_the_papers_setting():
+    """`fcdm-lab profile FCDM-L --study grn-vs-cca`: the compute-matched CCA block at FCDM-L lands
+    on the default's GMACs and within 0.5% of the paper's FLOPs for its row."""
+    from fcdm_lab.studies.spec import profile_study
+
+    rows = {r["variant"]: r for r in profile_study("grn-vs-cca", "FCDM-L")}
+    assert rows["grn"]["gmacs"] == pytest.approx(48.231, abs=1e-3) and "match" not in rows["grn"]
+    assert rows["cca"]["match"]["knob"] == "ratio" and abs(rows["cca"]["match"]["rel_err"]) < TOLERANCE
+    for row in rows.values():
+        assert abs(row["gmacs"] - row["paper_gmacs"]) / row["paper_gmacs"] < 0.005
+
+
+@pytest.mark.slow
+def test_paper_ablation_at_fcdm_l_matches_the_papers_flops():
+    """All seven rows at FCDM-L, 256x256: each within 0.5% of the paper's FLOPs (~15 s)."""
+    from fcdm_lab.studies.spec import profile_study
+
+    for row in profile_study("paper-ablation", "FCDM-L"):
+        assert abs(row["gmacs"] - row["paper_gmacs"]) / row["paper_gmacs"] < 0.005, row["variant"]

@@ -1,0 +1,209 @@
+"""MLflow tracking: run statuses (FINISHED / FAILED / KILLED on SIGINT), children from another
+process, what a run records, URI validation and the fast failure on an unreachable server."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fcdm_lab.config import load_experiment
+from fcdm_lab.errors import UserError
+from fcdm_lab.tracking import (NullTracker, check_tracking_uri, config_from_toml, config_to_toml, default_tracking_uri,
+                               get_client, log_run_config, probe_tracking_uri, resolve_tracking_uri, standard_tags,
+                               tracked_run, ui_command)
+
+
+@pytest.fixture(scope="session")
+def _template_db(tmp_path_factory):
+    """An empty MLflow database made once: creating one runs MLflow's migrations (~6 s)."""
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    get_client(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(_template_db, tmp_path):
+    """The per-test store conftest points MLFLOW_TRACKING_URI at, pre-created from the template."""
+    shutil.copy(_template_db, tmp_path / "mlflow.db")
+    return get_client()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_run_statuses_and_logging(store):
+    with tracked_run("ok", tags={"study": "s"}, params={"a": 1, "nested": {"x": [1, 2]}}) as t:
+        t.log_metrics({"loss": 0.5, "acc": 1}, step=3)
+        t.log_image(np.zeros((8, 8, 3), np.uint8), "samples/grid.png")
+        t.log_dict({"k": 1}, "info.json")
+        t.log_text("hello", "notes/a.md")
+        t.set_tags({"variant": "v", "skip": None})
+        with tracked_run("child", nested=True) as child:
+            child.log_metrics({"x": 1.0})
+    run = store.get_run(t.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"a": "1", "nested": '{"x": [1, 2]}'}
+    assert run.data.metrics == {"loss": 0.5, "acc": 1.0}
+    assert run.data.tags["study"] == "s" and run.data.tags["variant"] == "v" and "skip" not in run.data.tags
+    assert {a.path for a in store.list_artifacts(t.run_id)} == {"samples", "info.json", "notes"}
+    assert store.get_run(child.run_id).data.tags["mlflow.parentRunId"] == t.run_id
+
+    with pytest.raises(RuntimeError):
+        with tracked_run("bad") as bad:
+            raise RuntimeError("boom")
+    assert store.get_run(bad.run_id).info.status == "FAILED"
+
+    with pytest.raises(KeyboardInterrupt):
+        with tracked_run("interrupted") as stopped:
+            raise KeyboardInterrupt
+    assert store.get_run(stopped.run_id).info.status == "KILLED"
+
+    # reopening a run (resume) keeps its id and params, logs only new params
+    with tracked_run(run_id=bad.run_id, params={"b": 2}) as again:
+        pass
+    reopened = store.get_run(again.run_id)
+    assert again.run_id == bad.run_id and reopened.info.status == "FINISHED" and reopened.data.params == {"b": "2"}
+
+
+def test_sigint_in_another_process_kills_child_of_parent(store, tmp_path):
+    with tracked_run("parent") as parent:
+        script = textwrap.dedent(f"""
+            import time
+            from fcdm_lab.tracking import tracked_run
+            with tracked_run("worker", parent_run_id="{parent.run_id}") as t:
+                print(t.run_id, flush=True)
+                time.sleep(120)
+        """)
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            run_id = proc.stdout.readline().strip()
+            assert run_id, proc.stderr.read()
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) != 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    child = store.get_run(run_id)
+    assert child.info.status == "KILLED"
+    assert child.data.tags["mlflow.parentRunId"] == parent.run_id
+
+
+def test_non_main_process_gets_null_tracker(store, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    with tracked_run("worker-1") as t:
+        t.log_metrics({"x": 1.0}, step=1)
+        t.log_params({"a": 1})
+    assert isinstance(t, NullTracker) and t.run_id is None
+    assert store.search_runs([e.experiment_id for e in store.search_experiments()]) == []
+
+
+def test_config_tags_and_params(store):
+    cfg = load_experiment("tiny-digits", {"model.C": 8, "model.block": {"family": "convnext", "mixer": "cca"}})
+    info = {"name": "FCDM", "params": 1234, "gmacs": 0.001, "kwargs": {"block": {"family": "convnext", "mixer": "cca"}},
+            "match": {"knob": "ratio", "from_value": 3.0, "to_value": 2.5, "target_gmacs": 0.001, "gmacs": 0.001}}
+    tags = standard_tags(cfg, info, {"name": "digits", "fingerprint": "abc"}, study="s", variant="cca", seed=3)
+    assert tags["study"] == "s" and tags["variant"] == "cca" and tags["seed"] == "3"
+    assert tags["data_fingerprint"] == "abc" and tags["preset"] == "FCDM"
+    assert '"mixer": "cca"' in tags["block"] and '"kernel": 7' in tags["block"]  # the resolved spec
+    for pkg in ("torch", "diffusers", "accelerate", "mlflow", "optuna", "torch-fidelity", "fcdm-lab"):
+        assert tags[f"version.{pkg}"]
+    assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("true", "false")  # this checkout is git
+
+    with tracked_run("cfg", tags=tags) as t:
+        log_run_config(t, cfg, info)
+    run = store.get_run(t.run_id)
+    p = run.data.params
+    assert p["model.C"] == "8" and p["train.lr"] == "0.001" and p["model.params"] == "1234"
+    assert p["model.match_knob"] == "ratio" and p["model.match_value"] == "2.5"
+    text = Path(store.download_artifacts(t.run_id, "config.toml", str(Path.cwd()))).read_text()
+    assert config_from_toml(text) == cfg == config_from_toml(config_to_toml(cfg))
+
+
+def test_tracking_uri_forms(monkeypatch, tmp_path):
+    for bad in ("htp://x", "http://", "sqlite://relative.db", "mlflow.db", "http://h:99999", ""):
+        with pytest.raises(UserError, match="malformed tracking URI.*valid forms: http://HOST:PORT"):
+            check_tracking_uri(bad)
+    for good in ("http://127.0.0.1:5000", "https://mlflow.example.com", "sqlite:///mlflow.db",
+                 "sqlite:////abs/x.db", "file:///tmp/mlruns", "postgresql+psycopg2://u@h/db"):
+        assert check_tracking_uri(good) == good
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///from-env.db")
+    assert resolve_tracking_uri("sqlite:///arg.db") == "sqlite:///arg.db"
+    assert resolve_tracking_uri() == "sqlite:///from-env.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert resolve_tracking_uri() == default_tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    with pytest.raises(UserError, match="malformed"):
+        with tracked_run("x", uri="nonsense"):
+            pass
+
+
+def test_unreachable_server_fails_fast(tmp_path):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    start = time.time()
+    with pytest.raises(UserError, match="unreachable"):
+        probe_tracking_uri(uri)
+    with pytest.raises(UserError, match="unreachable"):
+        with tracked_run("never", uri=uri):
+            pytest.fail("the run must not start")
+    assert time.time() - start < 10
+
+
+def test_ui_command_uses_loopback_and_store():
+    cmd = ui_command("sqlite:///x.db")
+    assert cmd[-8:] == ["--backend-store-uri", "sqlite:///x.db", "--host", "127.0.0.1", "--port", "5000",
+                        "--workers", "1"]
+    with pytest.raises(UserError, match="already a tracking server"):
+        ui_command("http://127.0.0.1:5000")
+
+
+@pytest.mark.slow
+def test_http_tracking_server(tmp_path):
+    """A real `mlflow server` (~20 s to start): runs, metrics and artifacts through HTTP."""
+    port = closed_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                probe_tracking_uri(uri, timeout=2)
+                break
+            except UserError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        with tracked_run("remote", uri=uri, params={"a": 1}) as t:
+            t.log_metrics({"loss": 1.0}, step=1)
+            t.log_image(np.zeros((4, 4, 3), np.uint8), "samples/g.png")
+        run = get_client(uri).get_run(t.run_id)
+        assert run.info.status == "FINISHED" and run.data.metrics == {"loss": 1.0}
+        assert [a.path for a in get_client(uri).list_artifacts(t.run_id)] == ["samples"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_config_rebuilds_from_logged_params():
+    """`fcdm-lab rerun` falls back to the params when a run lost its config.toml artifact."""
+    from fcdm_lab.studies.rerun import config_from_params
+    from fcdm_lab.tracking import _param_value, model_params
+
+    cfg = load_experiment("tiny-digits", {"model.block": {"family": "convnext", "mixer": "cca", "ratio": 2.5},
+                                          "model.match_flops": "ratio", "train.grad_clip": 1.0})
+    logged = {k: _param_value(v) for k, v in cfg.flat().items()}
+    logged.update({k: _param_value(v) for k, v in model_params({"params": 10, "gmacs": 0.01, "match": {
+        "knob": "ratio", "to_value": 2.5, "target_gmacs": 0.01}}).items()})
+    assert config_from_params(logged) == cfg
