@@ -168,7 +168,7 @@ def sample(
 def evaluate(
     checkpoint: Path = typer.Option(..., "--checkpoint"),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", min=2),
-    metrics: Optional[List[str]] = typer.Option(None, "--metrics", help="Repeatable: fid_digits, kid_digits, class_acc_digits, fid, kid, is, prc."),
+    metrics: Optional[List[str]] = typer.Option(None, "--metrics", help="Repeatable: {fid,kid,is,precision,recall}_{digits,inception}, class_acc_digits; or fid, kid, is, prc (digits network on digits data, Inception otherwise)."),
     reference: Optional[str] = typer.Option(None, "--reference", help="digits-train | digits-test | image folder | .npz"),
     sampler: Optional[str] = typer.Option(None, "--sampler"),
     steps: Optional[int] = typer.Option(None, "--steps", min=1),

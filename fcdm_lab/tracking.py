@@ -511,7 +511,7 @@ def _finite(x) -> bool:
 
 
 def train_in_run(tracker, cfg, out_dir, *, resume=None, progress: bool = True, study: str | None = None,
-                 variant: str | None = None, seed: int | None = None):
+                 variant: str | None = None, seed: int | None = None, max_steps: int | None = None):
     """Train `cfg` into `out_dir`, logging into an open run: config and tags first, then the
     trainer's metrics and sample grids (it logs the final grid itself), then model size/compute
     and the final EMA weights (weights/ema.safetensors)."""
@@ -521,7 +521,7 @@ def train_in_run(tracker, cfg, out_dir, *, resume=None, progress: bool = True, s
     log_run_config(tracker, cfg)
     if tracker.active:
         RunPointer(tracker.run_id, tracker.tracking_uri).save(out_dir)
-    result = train(cfg, out_dir, resume=resume, tracker=tracker, progress=progress)
+    result = train(cfg, out_dir, resume=resume, tracker=tracker, progress=progress, max_steps=max_steps)
     tracker.set_tags(standard_tags(cfg, result.model_info, result.data_info, study=study, variant=variant, seed=seed))
     tracker.log_params(model_params(result.model_info))
     tracker.log_dict(_drop_none(dict(result.model_info)), "model_info.json")
@@ -536,12 +536,12 @@ def train_in_run(tracker, cfg, out_dir, *, resume=None, progress: bool = True, s
 
 def train_tracked(cfg, out_dir, *, uri: str | None = None, resume=None, run_name: str | None = None,
                   parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None,
-                  progress: bool = True, experiment: str = DEFAULT_EXPERIMENT):
+                  progress: bool = True, experiment: str = DEFAULT_EXPERIMENT, max_steps: int | None = None):
     """The `fcdm-lab train` library function: probe the store, open a run, train, log everything.
     Returns (TrainResult, run_id); run_id is None in non-main processes."""
     with tracked_run(run_name or cfg.name, uri=uri, experiment=experiment, tags=tags,
                      parent_run_id=parent_run_id) as tracker:
-        result = train_in_run(tracker, cfg, out_dir, resume=resume, progress=progress)
+        result = train_in_run(tracker, cfg, out_dir, resume=resume, progress=progress, max_steps=max_steps)
     return result, tracker.run_id
 
 

@@ -100,6 +100,10 @@ def test_sigint_in_another_process_kills_child_of_parent(store, tmp_path):
 
 
 def test_non_main_process_gets_null_tracker(store, monkeypatch):
+    from accelerate.state import PartialState
+
+    # an earlier test in this session may have created accelerate's (single-process) state
+    monkeypatch.setattr(PartialState, "_shared_state", {})
     monkeypatch.setenv("RANK", "1")
     with tracked_run("worker-1") as t:
         t.log_metrics({"x": 1.0}, step=1)

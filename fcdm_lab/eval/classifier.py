@@ -126,7 +126,8 @@ def _single_thread():
 
 def _train_classifier(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> DigitsClassifier:
     """Adam on cross-entropy; the seed fixes both the init and the batch order."""
-    with _single_thread(), torch.random.fork_rng(devices=[]):
+    # enable_grad: callers may ask for the classifier inside a no_grad block (first use trains it)
+    with _single_thread(), torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(cfg.seed)
         model = DigitsClassifier(cfg.widths, cfg.feature_dim)
         order = torch.Generator().manual_seed(cfg.seed)
