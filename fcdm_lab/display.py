@@ -9,7 +9,7 @@ from rich.table import Table
 
 
 def _fmt_params(n: int) -> str:
-    return f"{n:,} ({n / 1e6:.1f}M)"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
 def _block_label(row: Dict[str, Any]) -> str:
@@ -19,7 +19,8 @@ def _block_label(row: Dict[str, Any]) -> str:
     from .models.blocks import BLOCKS
 
     defaults = {k: d for k, (_, d, _) in BLOCKS.get(blk["family"]).OPTIONS.items()}
-    diff = [f"{k}={v}" for k, v in blk.items() if k != "family" and defaults.get(k) != v]
+    diff = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in blk.items() if k != "family" and defaults.get(k) != v]
     return blk["family"] + (f" ({', '.join(diff)})" if diff else "")
 
 
@@ -36,7 +37,7 @@ def print_profile_table(rows: List[Dict[str, Any]], console: Console) -> None:
     t.add_column("model / variant")
     t.add_column("L, C")
     t.add_column("block")
-    t.add_column("params", justify="right")
+    t.add_column("params (exact in --json)", justify="right")
     if multi:
         for res in resolutions:
             t.add_column(f"GMACs @{res}", justify="right")
@@ -79,8 +80,8 @@ def print_profile_table(rows: List[Dict[str, Any]], console: Console) -> None:
         if matched:
             m = first.get("match")
             cells.append(
-                f"{m['knob']} {m['from_value']:g} -> {m['to_value']:g}, {100 * m['rel_err']:+.2f}% "
-                f"({'matched' if m['matched'] else 'NOT within 1%'})" if m else "-")
+                f"{m['knob']} {m['from_value']:.4g}->{m['to_value']:.4g} {100 * m['rel_err']:+.2f}%"
+                + ("" if m["matched"] else " NOT within 1%") if m else "-")
         t.add_row(*cells)
     console.print(t)
     if multi and throughput:
