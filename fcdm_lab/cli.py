@@ -47,7 +47,7 @@ def _overrides(items: Optional[List[str]]) -> dict:
 
 @app.command()
 def profile(
-    model: Optional[str] = typer.Argument(None, help="Model or preset name (see --all)."),
+    models: Optional[List[str]] = typer.Argument(None, help="Model or preset names (see --all); several to compare."),
     all_models: bool = typer.Option(False, "--all", help="Profile every preset and baseline."),
     resolution: List[int] = typer.Option([256], "--resolution", "-r", help="Image side in pixels; repeat to compare."),
     pixel: bool = typer.Option(False, "--pixel", help="Pixel-space input instead of SD-VAE latents (side/8, 4 channels)."),
@@ -67,19 +67,20 @@ def profile(
 
     common = dict(pixel=pixel, in_channels=in_channels, num_classes=num_classes, batch_size=batch_size,
                   throughput=throughput)
+    models = models or []
     if study:
-        if not model:
+        if len(models) != 1:
             raise UserError("--study needs a MODEL to build the variants at, e.g. `fcdm-lab profile FCDM-L --study paper-ablation`")
         from .studies.spec import profile_study
 
-        rows = profile_study(study, model, resolutions=resolution, overrides=_overrides(set_), **common)
+        rows = profile_study(study, models[0], resolutions=resolution, overrides=_overrides(set_), **common)
     elif all_models:
-        if model:
-            raise UserError("give either a MODEL or --all, not both")
+        if models:
+            raise UserError("give either MODEL names or --all, not both")
         rows = prof.profile_many(prof.all_model_names(), resolution, **common)
-    elif model:
-        rows = [prof.profile_model(model, resolution=r, overrides=_overrides(set_), match=match,
-                                   match_target=match_target, **common) for r in resolution]
+    elif models:
+        rows = [prof.profile_model(m, resolution=r, overrides=_overrides(set_), match=match,
+                                   match_target=match_target, **common) for m in models for r in resolution]
     else:
         raise UserError("name a MODEL (e.g. FCDM-XL) or pass --all")
     if as_json:
