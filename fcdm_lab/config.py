@@ -216,17 +216,24 @@ def experiment_names() -> List[str]:
     return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml"))
 
 
+def resolve_named_file(name_or_path: str | Path, folder: Path, kind: str, names: List[str],
+                       accept=None) -> Path:
+    """A `kind` is a path to a TOML file or the name of one in `folder` (`accept(path)` may refuse
+    a bundled file of another kind). Unknown names raise a UserError listing `names`."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.is_file():
+        if not p.is_file():
+            raise UserError(f"{kind} file {str(p)!r} not found; bundled {kind}s: {choices(names)}")
+        return p
+    candidate = folder / f"{name_or_path}.toml"
+    if not candidate.is_file() or (accept is not None and not accept(candidate)):
+        raise UserError(f"unknown {kind} {str(name_or_path)!r}; available: {choices(names)} (or a path to a .toml file)")
+    return candidate
+
+
 def resolve_experiment_path(name_or_path: str) -> Path:
     """An experiment is a path to a TOML file or the name of one in `experiments/`."""
-    p = Path(name_or_path)
-    if p.suffix == ".toml" or p.exists():
-        if not p.is_file():
-            raise UserError(f"experiment file {str(p)!r} not found; bundled experiments: {choices(experiment_names())}")
-        return p
-    candidate = EXPERIMENTS_DIR / f"{name_or_path}.toml"
-    if not candidate.is_file():
-        raise UserError(f"unknown experiment {name_or_path!r}; valid: {choices(experiment_names())} (or a path to a .toml file)")
-    return candidate
+    return resolve_named_file(name_or_path, EXPERIMENTS_DIR, "experiment", experiment_names())
 
 
 def read_toml(path: Path) -> Dict[str, Any]:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from ..config import (ExperimentConfig, apply_overrides, config_from_dict, parse_override, read_toml,
-                      resolve_experiment_path)
+                      resolve_experiment_path, resolve_named_file)
 from ..errors import UserError, choices
 
 STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
@@ -144,16 +144,7 @@ def study_names(kind: str = "ablation") -> List[str]:
 
 def resolve_study_path(name_or_path: str | Path) -> Path:
     """A study is a path to a TOML file or the name of one in `studies/`."""
-    p = Path(name_or_path)
-    if p.suffix == ".toml" or p.is_file():
-        if not p.is_file():
-            raise UserError(f"study file {str(p)!r} not found; bundled studies: {choices(study_names())}")
-        return p
-    candidate = STUDIES_DIR / f"{name_or_path}.toml"
-    if not candidate.is_file():
-        raise UserError(f"unknown study {str(name_or_path)!r}; available: {choices(study_names())} "
-                        f"(or a path to a .toml file)")
-    return candidate
+    return resolve_named_file(name_or_path, STUDIES_DIR, "study", study_names())
 
 
 def _typed(where: str, key: str, value: Any, typ: type) -> Any:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from ..config import ExperimentConfig, load_experiment, resolve_experiment_path, read_toml
+from ..config import ExperimentConfig, load_experiment, resolve_experiment_path, resolve_named_file, read_toml
 from ..errors import UserError, choices
 from .spec import STUDIES_DIR, SECTIONS, flatten_overrides, lower_is_better, model_info_for, normalize_overrides
 
@@ -252,16 +252,7 @@ def is_sweep_file(path: str | Path) -> bool:
 
 
 def resolve_sweep_path(name_or_path: str | Path) -> Path:
-    p = Path(name_or_path)
-    if p.suffix == ".toml" or p.is_file():
-        if not p.is_file():
-            raise UserError(f"sweep file {str(p)!r} not found; bundled sweeps: {choices(sweep_names())}")
-        return p
-    candidate = STUDIES_DIR / f"{name_or_path}.toml"
-    if not candidate.is_file() or not is_sweep_file(candidate):
-        raise UserError(f"unknown sweep {str(name_or_path)!r}; available: {choices(sweep_names())} "
-                        f"(or a path to a .toml file with kind = \"sweep\")")
-    return candidate
+    return resolve_named_file(name_or_path, STUDIES_DIR, "sweep", sweep_names(), accept=is_sweep_file)
 
 
 def load_sweep(name_or_path: str | Path) -> SweepSpec:
