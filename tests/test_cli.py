@@ -1,5 +1,6 @@
 """The CLI: profile output, and bad input -> one line on stderr, exit code 2, no traceback."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -98,3 +99,36 @@ def test_console_script_bad_input_has_no_traceback():
     proc = subprocess.run([sys.executable, "-m", "fcdm_lab", "profile", "FCDM-XXL"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "unknown model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "no-such-experiment"], "unknown experiment 'no-such-experiment'; available: "),
+    (["train", "tiny-digits", "--set", "data.name=imagenet"], "digits, imagefolder, mnist"),
+    (["train", "tiny-digits", "--set", "data.name=imagefolder", "--set", "data.path=/no/such/dir"], "/no/such/dir"),
+    (["train", "tiny-digits", "--set", "train.lr=fast"], "train.lr must be float"),
+    (["train", "tiny-digits", "--set", "train.colour=1"], "unknown key 'train.colour'"),
+    (["train", "tiny-digits", "--set", "model.block={family=\"transformer\"}"], "valid: convnext, resnet"),
+    (["sample", "--checkpoint", "no-such.pt"], "no-such.pt"),
+    (["ablate", "no-such-study"], "unknown study 'no-such-study'; available: "),
+    (["sweep", "scaling-lc", "--storage", "notaurl"], "storage"),
+])
+def test_bad_input_train_sample_studies(capsys, args, needle):
+    code, out, err = run(capsys, *args, *(["--no-track"] if args[0] == "train" else []))
+    assert code == 2, err
+    assert needle in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (Path("runs").exists() and any(Path("runs").rglob("*.pt")))
+
+
+def test_train_then_resume_latest_from_the_cli(capsys):
+    base = ["train", "tiny-digits", "--no-track", "--out", "run", "--set", "model.C=8", "--set", "train.ckpt_every=5",
+            "--set", "train.sample_every=0", "--set", "eval.num_samples=10"]
+    code, out, err = run(capsys, *base, "--steps", "10", "--max-steps", "5")
+    assert code == 0, err
+    assert sorted(p.name for p in Path("run/checkpoints").glob("*.pt")) == ["step_0000005.pt"]
+    code, out, err = run(capsys, *base, "--steps", "10")
+    assert code == 2 and "resume" in err  # refuses to overwrite an existing run silently
+    code, out, err = run(capsys, *base, "--steps", "10", "--resume", "latest")
+    assert code == 0, err
+    assert "10 steps" in out
+    assert (Path("run/checkpoints") / "step_0000010.pt").exists()
