@@ -225,3 +225,14 @@ def test_match_knob_errors():
     with pytest.raises(UserError, match="ffn = true"):
         match_flops({**base, "block": None}, "ffn_ratio")
     assert set(KNOBS) == {"ratio", "ffn_ratio", "width"}
+
+
+def test_grn_hand_written_backward_matches_autograd():
+    from fcdm_lab.models.blocks import _GRNFunction
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.double, requires_grad=True)
+    x.data[1, :, :, 2] = 0  # a dead channel: its norm is 0
+    gamma = torch.randn(1, 1, 1, 5, dtype=torch.double, requires_grad=True)
+    beta = torch.randn(1, 1, 1, 5, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(_GRNFunction.apply, (x, gamma, beta))

@@ -59,6 +59,42 @@ def layer_norm_modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
 # Channel mixers: (B, H, W, C) -> (B, H, W, C)
 # ---------------------------------------------------------------------------------------------
 
+class _GRNFunction(torch.autograd.Function):
+    """GRN on (B, H, W, C) with a hand-written backward.
+
+    Why by hand: autograd's graph of this formula makes ~6 full-size passes in backward (square,
+    its scalar and broadcast products, two addcmul products, a sum); the closed form below makes 4,
+    about 1.6x faster for the op on CPU (measured at FCDM-S level 1). `gradcheck` covers it in tests.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta):
+        b, h, w, c = x.shape
+        # sqrt(sum of squares) over (B, H*W, C) rows: several times faster on CPU than
+        # linalg.vector_norm over two strided dims
+        gx = x.reshape(b, h * w, c).square().sum(dim=1).sqrt().view(b, 1, 1, c)  # (B, 1, 1, C)
+        denom = gx.mean(dim=-1, keepdim=True) + 1e-6
+        nx = gx / denom
+        scale = 1 + gamma * nx
+        ctx.save_for_backward(x, gamma, gx, denom, nx, scale)
+        # x * (1 + gamma*N) + beta == gamma*(x*N) + beta + x, with one full-size pass instead of three
+        return torch.addcmul(beta, x, scale)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, gamma, gx, denom, nx, scale = ctx.saved_tensors
+        c = x.shape[-1]
+        grad_scale = (g * x).sum(dim=(1, 2), keepdim=True)                       # (B, 1, 1, C)
+        grad_gamma = (grad_scale * nx).sum(dim=0, keepdim=True)
+        grad_beta = g.sum(dim=(0, 1, 2), keepdim=True)
+        grad_nx = grad_scale * gamma
+        # N_k = G_k / (mean_c G + eps): dN_k/dG_j = delta_kj / d - G_k / (C d^2)
+        grad_gx = grad_nx / denom - (grad_nx * gx).sum(dim=-1, keepdim=True) / (c * denom * denom)
+        # dG/dx = x / G (G = 0 only when a whole channel is zero; its gradient is then 0)
+        ratio = torch.where(gx > 0, grad_gx / gx, torch.zeros_like(gx))
+        return torch.addcmul(g * scale, x, ratio), grad_gamma, grad_beta
+
+
 @MIXERS.register("grn", doc="Global Response Normalization (ConvNeXt V2), the FCDM default")
 class GRN(nn.Module):
     """out = gamma * (x * N) + beta + x, with N = per-channel L2 norm over H, W divided by its
@@ -69,16 +105,8 @@ class GRN(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, c = x.shape
-        # sqrt(sum of squares) over (B, H*W, C) rows: several times faster on CPU, forward and
-        # backward, than linalg.vector_norm over two strided dims (measured, see README).
-        gx = x.reshape(b, h * w, c).square().sum(dim=1).sqrt().view(b, 1, 1, c)  # (B, 1, 1, C)
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
-        gamma = self.gamma.view(1, 1, 1, -1)
-        beta = self.beta.view(1, 1, 1, -1)
-        # x * (1 + gamma*N) + beta == gamma*(x*N) + beta + x, with one full-size pass instead of three
-        return torch.addcmul(beta, x, 1 + gamma * nx)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+        return _GRNFunction.apply(x, self.gamma.view(1, 1, 1, -1), self.beta.view(1, 1, 1, -1))
 
 
 @MIXERS.register("cca", doc="compact channel attention of DiCo: avgpool -> 1x1 conv -> sigmoid gate")
