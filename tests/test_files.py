@@ -110,7 +110,6 @@ def test_profile_study_at_the_papers_setting():
         assert abs(row["gmacs"] - row["paper_gmacs"]) / row["paper_gmacs"] < 0.005
 
 
-@pytest.mark.slow
 def test_paper_ablation_at_fcdm_l_matches_the_papers_flops():
     """All seven rows at FCDM-L, 256x256: each within 0.5% of the paper's FLOPs (~15 s)."""
     from fcdm_lab.studies.spec import profile_study

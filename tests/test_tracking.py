@@ -170,7 +170,6 @@ def test_ui_command_uses_loopback_and_store():
         ui_command("http://127.0.0.1:5000")
 
 
-@pytest.mark.slow
 def test_http_tracking_server(tmp_path):
     """A real `mlflow server` (~20 s to start): runs, metrics and artifacts through HTTP."""
     port = closed_port()
