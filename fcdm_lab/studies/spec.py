@@ -147,7 +147,7 @@ def resolve_study_path(name_or_path: str | Path) -> Path:
     return resolve_named_file(name_or_path, STUDIES_DIR, "study", study_names())
 
 
-def _typed(where: str, key: str, value: Any, typ: type) -> Any:
+def typed_value(where: str, key: str, value: Any, typ: type) -> Any:
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, typ) or (typ in (int, float) and isinstance(value, bool)):
@@ -157,14 +157,15 @@ def _typed(where: str, key: str, value: Any, typ: type) -> Any:
     return value
 
 
-def _strict(where: str, data: Mapping[str, Any], keys: Dict[str, tuple]) -> Dict[str, Any]:
+def strict_table(where: str, data: Mapping[str, Any], keys: Dict[str, tuple]) -> Dict[str, Any]:
+    """Check a TOML table: keys = {name: (type, required, help)}; unknown, missing or mistyped -> UserError."""
     unknown = sorted(set(data) - set(keys))
     if unknown:
         raise UserError(f"{where}: unknown key {unknown[0]!r}; valid keys: {choices(keys)}")
     missing = [k for k, (_, required, _) in keys.items() if required and k not in data]
     if missing:
         raise UserError(f"{where}: missing key {missing[0]!r} ({keys[missing[0]][2]})")
-    return {k: _typed(where, k, v, keys[k][0]) for k, v in data.items()}
+    return {k: typed_value(where, k, v, keys[k][0]) for k, v in data.items()}
 
 
 def flatten_overrides(data: Mapping[str, Any], where: str) -> Dict[str, Any]:
@@ -192,7 +193,7 @@ def load_study(name_or_path: str | Path) -> StudySpec:
     if data.get("kind") == "sweep":
         raise UserError(f"{name!r} is a sweep, not an ablation: run it with `fcdm-lab sweep {name}`; "
                         f"ablations: {choices(study_names())}")
-    top = _strict(where, data, STUDY_KEYS)
+    top = strict_table(where, data, STUDY_KEYS)
     if top.get("kind", "ablation") != "ablation":
         raise UserError(f"{where}: kind = {top['kind']!r}; valid: ablation, sweep")
 
@@ -201,10 +202,10 @@ def load_study(name_or_path: str | Path) -> StudySpec:
         if not isinstance(raw, dict):
             raise UserError(f"{where}: variants must be [[variants]] tables, got {raw!r}")
         vwhere = f"{where}, variant {raw.get('name', i + 1)!r}"
-        v = _strict(vwhere, raw, VARIANT_KEYS)
+        v = strict_table(vwhere, raw, VARIANT_KEYS)
         paper = None
         if "paper" in v:
-            paper = _strict(f"{vwhere}, paper", v["paper"], {k: (float, False, "") for k in PAPER_KEYS})
+            paper = strict_table(f"{vwhere}, paper", v["paper"], {k: (float, False, "") for k in PAPER_KEYS})
         overrides = flatten_overrides(v.get("set", {}), vwhere)
         if "train.seed" in overrides:
             raise UserError(f"{vwhere}: variants may not set train.seed (seeds are paired across variants; "
@@ -225,7 +226,7 @@ def load_study(name_or_path: str | Path) -> StudySpec:
                      compute_matched=top.get("compute_matched", True), baseline=top.get("baseline", names[0]),
                      set=flatten_overrides(top.get("set", {}), where))
     for m in spec.metrics:
-        _typed(where, "metrics[]", m, str)
+        typed_value(where, "metrics[]", m, str)
     if spec.seeds < 1:
         raise UserError(f"{where}: 'seeds' must be >= 1, got {spec.seeds}")
     if spec.steps is not None and spec.steps < 1:

@@ -40,7 +40,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from ..config import ExperimentConfig, load_experiment, resolve_experiment_path, resolve_named_file, read_toml
 from ..errors import UserError, choices
-from .spec import STUDIES_DIR, SECTIONS, flatten_overrides, lower_is_better, model_info_for, normalize_overrides
+from .spec import (STUDIES_DIR, SECTIONS, flatten_overrides, lower_is_better, model_info_for, normalize_overrides,
+                   strict_table, typed_value)
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 SAMPLERS = ("nsga2", "tpe", "random", "grid")
@@ -175,26 +176,6 @@ class SweepSpec:
         return dataclasses.asdict(self)
 
 
-def _typed(where: str, key: str, value: Any, typ: Any) -> Any:
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, typ) or (typ in (int, float) and isinstance(value, bool)):
-        names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
-                 dict: "a table"}
-        raise UserError(f"{where}: {key!r} must be {names[typ]}, got {value!r}")
-    return value
-
-
-def _strict(where: str, data: Mapping[str, Any], keys: Dict[str, tuple]) -> Dict[str, Any]:
-    unknown = sorted(set(data) - set(keys))
-    if unknown:
-        raise UserError(f"{where}: unknown key {unknown[0]!r}; valid keys: {choices(keys)}")
-    missing = [k for k, spec in keys.items() if spec[1] and k not in data]
-    if missing:
-        raise UserError(f"{where}: missing key {missing[0]!r} ({keys[missing[0]][2]})")
-    return {k: _typed(where, k, v, keys[k][0]) for k, v in data.items()}
-
-
 def _one_of(where: str, key: str, value: str, valid) -> str:
     if value not in valid:
         raise UserError(f"{where}: {key} = {value!r} is not valid; choose one of: {choices(valid)}")
@@ -205,7 +186,7 @@ def _parse_param(where: str, name: str, raw: Any) -> Param:
     where = f"{where}, space.{name}"
     if not isinstance(raw, dict):
         raise UserError(f"{where} must be a table like {{ type = \"int\", low = 1, high = 4 }}, got {raw!r}")
-    ptype = _one_of(where, "type", _typed(where, "type", raw.get("type", ""), str), PARAM_TYPES)
+    ptype = _one_of(where, "type", typed_value(where, "type", raw.get("type", ""), str), PARAM_TYPES)
     unknown = sorted(set(raw) - set(PARAM_KEYS[ptype]))
     if unknown:
         raise UserError(f"{where}: unknown key {unknown[0]!r} for type {ptype!r}; valid keys: "
@@ -215,7 +196,7 @@ def _parse_param(where: str, name: str, raw: Any) -> Param:
                         f"such as \"train.lr\" (quoted in TOML)")
     key = SHORT_KEYS.get(name, name)
     if ptype == "categorical":
-        values = _typed(where, "choices", raw.get("choices"), list) if "choices" in raw else None
+        values = typed_value(where, "choices", raw.get("choices"), list) if "choices" in raw else None
         if not values:
             raise UserError(f"{where}: a categorical parameter needs a non-empty 'choices' list")
         for v in values:
@@ -226,9 +207,9 @@ def _parse_param(where: str, name: str, raw: Any) -> Param:
     for k in ("low", "high"):
         if k not in raw:
             raise UserError(f"{where}: missing key {k!r}")
-    low, high = _typed(where, "low", raw["low"], num), _typed(where, "high", raw["high"], num)
-    step = _typed(where, "step", raw["step"], num) if "step" in raw else None
-    log = _typed(where, "log", raw.get("log", False), bool)
+    low, high = typed_value(where, "low", raw["low"], num), typed_value(where, "high", raw["high"], num)
+    step = typed_value(where, "step", raw["step"], num) if "step" in raw else None
+    log = typed_value(where, "log", raw.get("log", False), bool)
     if low > high:
         raise UserError(f"{where}: low ({low}) must be <= high ({high})")
     if step is not None and step <= 0:
@@ -260,7 +241,7 @@ def load_sweep(name_or_path: str | Path) -> SweepSpec:
     path = resolve_sweep_path(name_or_path)
     data = read_toml(path)
     where = f"sweep {path.stem!r} ({path})"
-    top = _strict(where, data, SWEEP_KEYS)
+    top = strict_table(where, data, SWEEP_KEYS)
     if top["kind"] != "sweep":
         raise UserError(f"{where}: kind = {top['kind']!r}; a sweep file needs kind = \"sweep\" "
                         f"(ablation studies run with `fcdm-lab ablate`)")
@@ -270,7 +251,7 @@ def load_sweep(name_or_path: str | Path) -> SweepSpec:
         owhere = f"{where}, objectives[{i}]"
         if not isinstance(raw, dict):
             raise UserError(f"{owhere} must be a table like {{ metric = \"fid_digits\", direction = \"minimize\" }}")
-        o = _strict(owhere, raw, {"metric": (str, True, "a metric name"),
+        o = strict_table(owhere, raw, {"metric": (str, True, "a metric name"),
                                   "direction": (str, False, "minimize | maximize")})
         metric = _check_metric(owhere, o["metric"])
         default = "maximize" if metric in HIGHER_IS_BETTER or not lower_is_better(metric) else "minimize"
@@ -282,7 +263,7 @@ def load_sweep(name_or_path: str | Path) -> SweepSpec:
         raise UserError(f"{where}: the two objectives must be different metrics")
 
     bwhere = f"{where}, budget"
-    budget_raw = _strict(bwhere, top["budget"], {"steps": (int, False, "training steps of every trial"),
+    budget_raw = strict_table(bwhere, top["budget"], {"steps": (int, False, "training steps of every trial"),
                                                  "compute": (float, False, "GMACs x steps")})
     if len(budget_raw) != 1:
         raise UserError(f"{bwhere}: give exactly one of steps = N or compute = GMACs x steps")
