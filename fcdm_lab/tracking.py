@@ -159,9 +159,9 @@ def experiment_id(client, name: str = DEFAULT_EXPERIMENT) -> str:
         return exp.experiment_id
 
 
-def get_run(run_id: str, uri: str | None = None):
+def get_run(run_id: str, uri: str | None = None, *, client=None):
     """The MLflow Run with this id, or a UserError saying where it was looked for."""
-    client = get_client(uri)
+    client = client or get_client(uri)
     try:
         return client.get_run(run_id)
     except Exception:
@@ -350,10 +350,7 @@ def attach_run(run_id: str, uri: str | None = None) -> Tracker:
     """A Tracker that logs into an existing run without changing its status (e.g. evaluation
     metrics added to a finished training run)."""
     client = get_client(uri)
-    try:
-        client.get_run(run_id)
-    except Exception:
-        raise UserError(f"no MLflow run {run_id!r} in {client.tracking_uri}") from None
+    get_run(run_id, client=client)  # a UserError if it does not exist
     return Tracker(client, run_id, resumed=True)
 
 

@@ -300,13 +300,10 @@ def _float(params: Dict[str, str], key: str) -> Optional[float]:
 def build_report(run_id: str, uri: str | None = None) -> Report:
     """Rebuild a study's report from its MLflow parent run and children alone."""
     from ..eval.evaluate import metric_key
-    from ..tracking import get_client
+    from ..tracking import get_client, get_run
 
     client = get_client(uri)
-    try:
-        parent = client.get_run(run_id)
-    except Exception:
-        raise UserError(f"no MLflow run {run_id!r} in {client.tracking_uri}; pass the store with --tracking-uri") from None
+    parent = get_run(run_id, client=client)
     tags = parent.data.tags
     if tags.get("kind") != "ablation":
         up = tags.get("mlflow.parentRunId")

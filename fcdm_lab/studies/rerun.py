@@ -94,16 +94,13 @@ def rerun(run_id: str, uri: str | None = None, *, out_dir=None, progress: bool =
     from rich.console import Console
 
     from ..eval.evaluate import evaluate_model
-    from ..tracking import get_client, git_state, resolve_tracking_uri, tracked_run, train_in_run
+    from ..tracking import get_client, get_run, git_state, resolve_tracking_uri, tracked_run, train_in_run
     from ..train.sampling import load_checkpoint
 
     console = console or Console()
     uri = resolve_tracking_uri(uri)
     client = get_client(uri)
-    try:
-        run = client.get_run(run_id)
-    except Exception:
-        raise UserError(f"no MLflow run {run_id!r} in {uri}; pass the store with --tracking-uri") from None
+    run = get_run(run_id, client=client)
     tags = run.data.tags
     if tags.get("kind") == "ablation":
         raise UserError(f"run {run_id} is a study parent; rerun the study with `fcdm-lab ablate {tags.get('study')}` "
