@@ -51,7 +51,7 @@ class DiffusionConfig:
     num_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    time_scale: float = 1000.0              # flow: the model sees t * time_scale
+    time_scale: float = 1.0                 # flow: the model sees t * time_scale (1 = t in [0, 1], the reference's)
 
 
 @dataclass
@@ -71,7 +71,8 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_last: int = 3
     sample_every: int = 0                   # 0 = only at the end
-    compile: bool = False
+    compile: bool = False                   # torch.compile each repeated block (regional compilation)
+    tf32: bool = True                       # TF32 matmuls/convs on CUDA (the reference's setting); no effect on CPU
     threads: Optional[int] = None           # torch intra-op threads per process (None = torch default / launcher)
     fused_adamw: bool = True
 
@@ -273,12 +274,58 @@ def apply_overrides(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str
     return data
 
 
-def load_experiment(name_or_path: str, overrides: Dict[str, Any] | List[str] | None = None) -> ExperimentConfig:
-    path = resolve_experiment_path(name_or_path)
+def _sections() -> List[str]:
+    """The experiment's sections: [model], [data], ... (its dataclass-typed fields)."""
+    return [name for name, tp in typing.get_type_hints(ExperimentConfig).items() if dataclasses.is_dataclass(tp)]
+
+
+def merge_experiment(base: Dict[str, Any], data: Dict[str, Any]) -> Dict[str, Any]:
+    """`data` over `base`, section by section: a key set in `data` replaces the base's value whole
+    (a `model.block` table or an `eval.metrics` list is not merged key by key)."""
+    out = copy.deepcopy(base)
+    out.pop("name", None)  # a file's name is its own (its `name` key or its file name)
+    for key, value in data.items():
+        if key in _sections() and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **copy.deepcopy(value)}
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_experiment(path: Path, _chain: tuple = ()) -> Dict[str, Any]:
+    """An experiment file as a plain dict, with its `base` chain merged in (`merge_experiment`).
+    `base` is a bundled experiment's name or a path relative to the file; an unknown base or a
+    cycle is a one-line UserError."""
+    path = Path(path)
+    if path.resolve() in [p.resolve() for p in _chain]:
+        cycle = " -> ".join(p.stem for p in (*_chain, path))
+        raise UserError(f"experiment base cycle: {cycle}")
     data = read_toml(path)
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str):
+        raise UserError(f"{path}: base must be an experiment name or a path to a .toml file, got {base!r}")
+    relative = path.parent / base
+    try:
+        base_path = resolve_experiment_path(relative if relative.suffix == ".toml" else base)
+    except UserError as e:
+        raise UserError(f"{path}: base: {e}") from None
+    return merge_experiment(read_experiment(base_path, (*_chain, path)), data)
+
+
+def experiment_data(name_or_path: str | Path) -> Dict[str, Any]:
+    """The plain dict of an experiment (name or path), base merged, `name` defaulting to the file's."""
+    path = resolve_experiment_path(str(name_or_path))
+    data = read_experiment(path)
+    data.setdefault("name", path.stem)
+    return data
+
+
+def load_experiment(name_or_path: str, overrides: Dict[str, Any] | List[str] | None = None) -> ExperimentConfig:
+    data = experiment_data(name_or_path)
     if isinstance(overrides, list):
         overrides = dict(parse_override(o) for o in overrides)
     if overrides:
         data = apply_overrides(data, overrides)
-    data.setdefault("name", path.stem)
     return config_from_dict(data)

@@ -47,14 +47,59 @@ def info_of(cfg):
     return _info(json.dumps({"model": cfg.to_dict()["model"], "data": cfg.to_dict()["data"]}, sort_keys=True))
 
 
+def _bases() -> set:
+    """Bundled experiments other bundled experiments name as `base` (a recipe may leave the model unset)."""
+    return {tomllib.loads((EXPERIMENTS_DIR / f"{n}.toml").read_text()).get("base") for n in experiment_names()}
+
+
 @pytest.mark.parametrize("name", experiment_names())
 def test_experiment_builds(name):
-    cfg = load_experiment(name)
+    base_only = name in _bases() and "name" not in tomllib.loads((EXPERIMENTS_DIR / f"{name}.toml").read_text()).get("model", {})
+    cfg = load_experiment(name, {"model.name": "FCDM-S"} if base_only else None)
     size, channels, classes = data_shape(cfg)
     with torch.device("meta"):
         model, info = build_model(cfg.model, input_size=size, in_channels=channels, num_classes=classes)
     assert info["params"] > 0 and info["gmacs"] > 0
     assert next(model.parameters()).device.type == "meta"
+
+
+def _write(folder, name, text):
+    (folder / f"{name}.toml").write_text(text)
+    return str(folder / f"{name}.toml")
+
+
+def test_experiment_base_states_only_what_differs(tmp_path):
+    """A child file's keys replace the base's section by section; a table value (model.block) is
+    replaced whole; `name` is the child's own; bases chain; the ImageNet presets share one base."""
+    _write(tmp_path, "parent", 'base = "tiny-digits"\n[model]\nblock = { family = "convnext", kernel = 5 }\n'
+                               '[train]\nlr = 3e-4\n')
+    child = _write(tmp_path, "child", 'base = "parent.toml"\n[model]\nblock = { family = "resnet" }\n[train]\nsteps = 7\n')
+    cfg, tiny = load_experiment(child), load_experiment("tiny-digits")
+    assert cfg.name == "child" and cfg.model.block == {"family": "resnet"}
+    assert (cfg.train.steps, cfg.train.lr, cfg.train.batch_size) == (7, 3e-4, tiny.train.batch_size)
+    assert (cfg.model.L, cfg.model.C, cfg.eval) == (tiny.model.L, tiny.model.C, tiny.eval)
+    presets = {n: load_experiment(f"fcdm-{n}-imagenet256") for n in ("s", "b", "l", "xl")}
+    for n, p in presets.items():
+        assert p.model.name == f"FCDM-{n.upper()}" and p.name == f"fcdm-{n}-imagenet256"
+        assert (p.train, p.eval, p.diffusion, p.data) == (presets["s"].train, presets["s"].eval,
+                                                          presets["s"].diffusion, presets["s"].data)
+    assert presets["xl"].train.steps == 400_000 and presets["xl"].train.mixed_precision == "bf16"
+
+
+def test_experiment_base_errors_are_one_line(tmp_path):
+    a = _write(tmp_path, "a", 'base = "b.toml"\n')
+    _write(tmp_path, "b", 'base = "a.toml"\n')
+    with pytest.raises(UserError, match=r"^experiment base cycle: a -> b -> a$"):
+        load_experiment(a)
+    self_ref = _write(tmp_path, "self", 'base = "self.toml"\n')
+    with pytest.raises(UserError, match=r"cycle: self -> self"):
+        load_experiment(self_ref)
+    bad = _write(tmp_path, "bad", 'base = "no-such-experiment"\n')
+    with pytest.raises(UserError, match=r"bad.toml: base: unknown experiment 'no-such-experiment'; available: .*tiny-digits") as e:
+        load_experiment(bad)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="base must be an experiment name"):
+        load_experiment(_write(tmp_path, "num", "base = 3\n"))
 
 
 STUDY_FILES = sorted(p.stem for p in STUDIES_DIR.glob("*.toml"))

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from ..config import (ExperimentConfig, apply_overrides, config_from_dict, parse_override, read_toml,
-                      resolve_experiment_path, resolve_named_file)
+from ..config import (ExperimentConfig, apply_overrides, config_from_dict, experiment_data, parse_override,
+                      read_toml, resolve_experiment_path, resolve_named_file)
 from ..errors import UserError, choices
 
 STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
@@ -262,8 +262,7 @@ def _base_path(spec: StudySpec) -> str:
 
 
 def load_base(spec: StudySpec) -> ExperimentConfig:
-    data = read_toml(resolve_experiment_path(_base_path(spec)))
-    data.setdefault("name", Path(_base_path(spec)).stem)
+    data = experiment_data(_base_path(spec))
     return config_from_dict(apply_overrides(data, spec.set))
 
 
@@ -315,8 +314,7 @@ def plan_study(spec: StudySpec, *, seeds: int | None = None, steps: int | None =
     if steps is not None and steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
     cli = normalize_overrides(overrides)
-    data = read_toml(resolve_experiment_path(_base_path(spec)))
-    data.setdefault("name", Path(_base_path(spec)).stem)
+    data = experiment_data(_base_path(spec))
 
     def child_config(variant: Variant, extra: Dict[str, Any]) -> ExperimentConfig:
         d = apply_overrides(data, spec.set)
