@@ -29,7 +29,7 @@ class Recorder:
 def test_training_losses_interpolant_target_and_time_scale():
     obj = create_objective("flow")
     assert isinstance(obj, FlowMatching) and isinstance(obj, Objective)
-    assert obj.samplers == ("euler", "heun") and obj.default_sampler == "euler"
+    assert obj.samplers == ("euler", "heun", "sde") and obj.default_sampler == "euler"
     x1 = torch.randn(5, 2, 3, 3, generator=gen(0))
     model = Recorder()
     terms = obj.training_losses(model, x1, generator=gen(4))
@@ -44,7 +44,7 @@ def test_training_losses_interpolant_target_and_time_scale():
     x_t = tb * x1 + (1 - tb) * x0
     ((seen_x, seen_t),) = model.calls
     torch.testing.assert_close(terms["t_frac"], t)
-    torch.testing.assert_close(seen_t, t * 1000.0)  # the embedder expects 0..1000
+    torch.testing.assert_close(seen_t, t)  # the reference's time: t in [0, 1]
     torch.testing.assert_close(seen_x, x_t)
     # Only the first C channels are the velocity (the 99s are ignored); target x1 - x0.
     expected = ((0.5 * x_t - (x1 - x0)) ** 2).mean(dim=(1, 2, 3))
@@ -54,10 +54,10 @@ def test_training_losses_interpolant_target_and_time_scale():
     again = obj.training_losses(Recorder(), x1, generator=gen(4))
     torch.testing.assert_close(again["loss"], terms["loss"], rtol=0, atol=0)
 
-    scaled = create_objective("flow", time_scale=1.0)
+    scaled = create_objective("flow", time_scale=1000.0)  # the named setting: the DDPM range
     model = Recorder()
     scaled.training_losses(model, x1, generator=gen(4))
-    torch.testing.assert_close(model.calls[0][1], t)
+    torch.testing.assert_close(model.calls[0][1], t * 1000.0)
 
 
 def test_euler_and_heun_integrate_from_0_to_1():
@@ -73,10 +73,10 @@ def test_euler_and_heun_integrate_from_0_to_1():
 
     x0 = torch.ones(1, 1, 1, 1, dtype=torch.float64)
     euler = obj.sample(linear_field, x0.shape, noise=x0, sampler="euler", steps=n).item()
-    assert len(times) == n and min(times) == 0.0 and max(times) == pytest.approx(950.0)  # t = 0 .. 0.95
+    assert len(times) == n and min(times) == 0.0 and max(times) == pytest.approx(0.95)  # t = 0 .. 0.95
     times.clear()
     heun = obj.sample(linear_field, x0.shape, noise=x0, sampler="heun", steps=n).item()
-    assert len(times) == 2 * n and max(times) == pytest.approx(1000.0)
+    assert len(times) == 2 * n and max(times) == pytest.approx(1.0)
     h = 1 / n
     assert euler == pytest.approx((1 + h * a) ** n, rel=1e-12)
     assert heun == pytest.approx((1 + h * a + (h * a) ** 2 / 2) ** n, rel=1e-12)
@@ -84,7 +84,7 @@ def test_euler_and_heun_integrate_from_0_to_1():
 
 
 class PointMLP(nn.Module):
-    """Velocity field for 2-D points shaped (B, 2, 1, 1); the time enters as t / 1000."""
+    """Velocity field for 2-D points shaped (B, 2, 1, 1); the time enters as t in [0, 1]."""
 
     def __init__(self, width: int = 64):
         super().__init__()
@@ -93,7 +93,7 @@ class PointMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h = torch.cat([x.flatten(1), (t / 1000.0)[:, None]], dim=1)
+        h = torch.cat([x.flatten(1), t[:, None]], dim=1)
         return self.net(h)[:, :, None, None]
 
 
@@ -118,8 +118,8 @@ def test_flow_learns_two_gaussian_mixture():
         opt.step()
 
     net.eval()
-    for sampler in ("euler", "heun"):
-        x = obj.sample(net, (400, 2, 1, 1), sampler=sampler, steps=50, generator=gen(2)).flatten(1)
+    for sampler, steps in (("euler", 50), ("heun", 50), ("sde", 250)):
+        x = obj.sample(net, (400, 2, 1, 1), sampler=sampler, steps=steps, generator=gen(2)).flatten(1)
         dist = torch.cdist(x, MODES)  # (400, 2)
         nearest = dist.argmin(dim=1)
         close = dist.min(dim=1).values < 0.75
@@ -131,7 +131,7 @@ def test_flow_learns_two_gaussian_mixture():
 def test_flow_bad_settings_raise_user_error():
     obj = create_objective("flow")
     model = Recorder()
-    with pytest.raises(UserError, match="euler, heun"):
+    with pytest.raises(UserError, match="euler, heun, sde"):
         obj.sample(model, (1, 2, 2, 2), sampler="ddim")
     with pytest.raises(UserError, match="eta"):
         obj.sample(model, (1, 2, 2, 2), eta=1.0)
@@ -155,3 +155,66 @@ def test_flow_sample_defaults_and_clip():
         lambda x, t: torch.full_like(x, 5.0), (2, 1, 2, 2), steps=4, clip_denoised=True, generator=gen(0)
     )
     assert big.max() == 1.0
+
+
+def _gaussian_velocity(m: float, s: float):
+    """The exact velocity for data N(m, s^2) (per element) under x_t = t x1 + (1 - t) x0:
+    E[x1 - x0 | x_t = x] = m + k(t) (x - t m), k = (t s^2 - (1 - t)) / (t^2 s^2 + (1 - t)^2)."""
+
+    def k(t: float) -> float:
+        return (t * s * s - (1 - t)) / (t * t * s * s + (1 - t) ** 2)
+
+    def field(x, t):
+        tt = t.reshape(-1, 1, 1, 1).to(x.dtype)
+        kk = (tt * s * s - (1 - tt)) / (tt * tt * s * s + (1 - tt) ** 2)
+        return m + kk * (x - tt * m)
+
+    return field, k
+
+
+def test_sde_sampler_matches_the_hand_computed_gaussian_chain():
+    # With the exact velocity of Gaussian data every SDE step is affine in x plus Gaussian noise,
+    # x' = a x + b + c w, so the sampler's output is exactly Gaussian with a mean and variance that a
+    # two-line recurrence gives (SiT's sampler: Euler-Maruyama with w(t) = 1 - t on
+    # linspace(0, 0.96, N), drift v + w * score, score = (t v - x) / (1 - t), then x + 0.04 * drift).
+    m, s, N = 1.5, 0.5, 250
+    field, k = _gaussian_velocity(m, s)
+    seen: list[float] = []
+
+    def model(x, t):
+        seen.append(float(t[0]))
+        return field(x, t)
+
+    obj = create_objective("flow")  # time scale 1: the model sees t itself
+    x = obj.sample(model, (200_000, 1, 1, 1), sampler="sde", steps=N, generator=gen(0)).double()
+    assert len(seen) == N and seen[0] == 0.0
+    assert seen[-2] == pytest.approx(0.96 * (N - 2) / (N - 1), abs=1e-7) and seen[-1] == pytest.approx(0.96)
+
+    mean, var = 0.0, 1.0  # x0 ~ N(0, 1)
+    dt = 0.96 / (N - 1)
+    for i in range(N - 1):
+        t = 0.96 * i / (N - 1)
+        a = 1 + dt * ((1 + t) * k(t) - 1)
+        b = dt * (1 + t) * m * (1 - k(t) * t)
+        mean, var = a * mean + b, a * a * var + 2 * (1 - t) * dt
+    t, h = 0.96, 0.04
+    a, b = 1 + h * ((1 + t) * k(t) - 1), h * (1 + t) * m * (1 - k(t) * t)
+    mean, var = a * mean + b, a * a * var
+    n = x.numel()
+    assert abs(x.mean().item() - mean) < 4 * math.sqrt(var / n)
+    assert abs(x.var().item() / var - 1) < 4 * math.sqrt(2 / n)
+    # ... and that distribution is the data's, up to the discretisation
+    assert mean == pytest.approx(m, abs=0.02) and math.sqrt(var) == pytest.approx(s, rel=0.05)
+
+
+def test_sde_sampler_defaults_noise_and_steps():
+    obj = create_objective("flow", flow_sampler="sde")
+    assert obj.default_sampler == "sde" and obj.steps_for(None) == 250 and obj.steps_for("euler") == 50
+    model = Recorder()
+    a = obj.sample(model, (2, 2, 4, 4), steps=5, generator=gen(3))
+    assert len(model.calls) == 5
+    b = obj.sample(model, (2, 2, 4, 4), steps=5, generator=gen(3))
+    c = obj.sample(model, (2, 2, 4, 4), steps=5, generator=gen(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)  # the per-step noise comes from the generator
+    with pytest.raises(UserError, match="steps >= 2"):
+        obj.sample(model, (1, 2, 2, 2), steps=1)

@@ -2,7 +2,8 @@
 
 `create_objective("ddpm")` is the DiT/ADM recipe (T = 1000 linear betas, epsilon prediction,
 learned-range variance, iDDPM hybrid loss, 250-step respaced DDPM or DDIM sampling);
-`create_objective("flow")` is linear-interpolant flow matching (SiT) with Euler / Heun ODE samplers.
+`create_objective("flow")` is linear-interpolant flow matching (SiT) with Euler / Heun ODE samplers
+and the reference's Euler-Maruyama SDE sampler ("sde").
 Both take any `model_fn(x, t, **model_kwargs) -> (B, C or 2C, H, W)`; `guided_model_fn` wraps a
 class-conditional model for classifier-free guidance.
 """
@@ -67,20 +68,22 @@ def create_objective(
     beta_start: float = 1e-4,
     beta_end: float = 0.02,
     learn_sigma: bool = True,
-    time_scale: float = 1000.0,
+    time_scale: float = 1.0,
+    flow_sampler: str = "euler",
 ) -> Objective:
     """The training objective and its samplers by name (see OBJECTIVES).
 
     ddpm: linear betas beta_start..beta_end (values for T = 1000; other T scale them by 1000 / T as
     ADM does); learn_sigma=True is DiT's learned-range variance with the hybrid loss (model outputs
     2C channels), False a fixed beta_t variance with plain epsilon MSE (C channels), as DiT.
-    flow: the model is told t * time_scale; the ddpm settings are ignored, and a 2C-channel output
-    is accepted (the first C channels are the velocity).
+    flow: the model is told t * time_scale (1 = t in [0, 1], the reference's; 1000 = the DDPM
+    range); flow_sampler is its default sampler ("sde" for the reference's checkpoints); the ddpm
+    settings are ignored, and a 2C-channel output is accepted (the first C channels are the velocity).
     """
     if name not in OBJECTIVES:
         raise UserError(f"unknown objective {name!r}; choose one of: {choices(OBJECTIVES)}")
     if name == "flow":
-        return FlowMatching(time_scale=time_scale)
+        return FlowMatching(time_scale=time_scale, default_sampler=flow_sampler)
     if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 2:
         raise UserError(f"num_timesteps must be an integer >= 2, got {num_timesteps!r}")
     if not 0 < beta_start < beta_end:
