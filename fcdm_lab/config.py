@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .bundled import EXPERIMENTS_DIR
 from .errors import UserError, choices
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 
 
 @dataclass

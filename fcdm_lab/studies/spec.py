@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from ..bundled import STUDIES_DIR
 from ..config import (ExperimentConfig, apply_overrides, config_from_dict, experiment_data, parse_override,
                       read_toml, resolve_experiment_path, resolve_named_file)
 from ..errors import UserError, choices
 
-STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 HIGHER_IS_BETTER = ("acc", "is_", "precision", "recall")
 
 # key -> (type, required, what it is)

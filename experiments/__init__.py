@@ -1,0 +1,1 @@
+"""Bundled experiment files (shipped as the package fcdm_lab.bundled.experiments; see setup.py)."""
