@@ -25,6 +25,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from ..errors import UserError
 from .dit import build_preset
 from .layers import GuidedModelMixin, TimestepEmbedder, modulate
+from .pretrained import PretrainedMixin
 from .registry import MODELS
 
 
@@ -156,13 +157,16 @@ class Upsample(nn.Module):
         return self.body(x)
 
 
-class DiCo(ModelMixin, ConfigMixin, GuidedModelMixin):
+class DiCo(PretrainedMixin, ModelMixin, ConfigMixin, GuidedModelMixin):
     """Diffusion ConvNet; `forward(x, t, y) -> (B, out_channels, H, W)`.
 
     `depth` lists the blocks of (encoder-1, encoder-2, middle, decoder-2, decoder-1).
     `input_size` is not used by the layers (any H, W divisible by 4 works); it is recorded so every
     family's config says what resolution it was built for.
     """
+
+    # diffusers regional compilation (`compile_repeated_blocks`): compile one block, reuse it for all
+    _repeated_blocks = ["DiCoBlock"]
 
     _supports_gradient_checkpointing = True
 

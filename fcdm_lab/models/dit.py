@@ -21,6 +21,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from ..errors import UserError, choices
 from .layers import GuidedModelMixin, LabelEmbedder, TimestepEmbedder
+from .pretrained import PretrainedMixin
 from .registry import MODELS
 
 
@@ -114,8 +115,11 @@ class FinalLayer(nn.Module):
         return self.linear(modulate_tokens(self.norm_final(x), shift, scale))
 
 
-class DiT(ModelMixin, ConfigMixin, GuidedModelMixin):
+class DiT(PretrainedMixin, ModelMixin, ConfigMixin, GuidedModelMixin):
     """Diffusion model with a Transformer backbone; `forward(x, t, y) -> (B, out_channels, H, W)`."""
+
+    # diffusers regional compilation (`compile_repeated_blocks`): compile one block, reuse it for all
+    _repeated_blocks = ["DiTBlock"]
 
     _supports_gradient_checkpointing = True
 

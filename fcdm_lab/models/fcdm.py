@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UserError
 from .blocks import build_block, layer_norm_modulate, resolve_block_spec, to_nchw, to_nhwc
 from .layers import GuidedModelMixin, LabelEmbedder, TimestepEmbedder
+from .pretrained import PretrainedMixin
 from .registry import MODELS
 
 CL = torch.channels_last
@@ -61,8 +62,13 @@ class FinalLayer(nn.Module):
         return self.conv(to_nchw(layer_norm_modulate(to_nhwc(x), shift, scale)))
 
 
-class FCDM(ModelMixin, ConfigMixin, GuidedModelMixin):
+class FCDM(PretrainedMixin, ModelMixin, ConfigMixin, GuidedModelMixin):
     """Fully convolutional diffusion model. `L` blocks per level and width `C` (the paper's names)."""
+
+    # diffusers regional compilation (`compile_repeated_blocks`): compile one block, reuse it for all
+    _repeated_blocks = ["ConvNeXtBlock", "ResNetBlock"]
+
+    weights_memory_format = CL  # restored by from_pretrained (see pretrained.py)
 
     @register_to_config
     def __init__(
@@ -76,14 +82,20 @@ class FCDM(ModelMixin, ConfigMixin, GuidedModelMixin):
         learn_sigma: bool = True,
         class_dropout_prob: float = 0.1,
         grad_checkpointing: bool = False,
+        label_dropout: str = "per_level",
     ):
         super().__init__()
         validate_fcdm_args(input_size, in_channels, num_classes, L, C)
+        if label_dropout not in LABEL_DROPOUT:
+            raise UserError(f"label_dropout must be one of {', '.join(LABEL_DROPOUT)}, got {label_dropout!r}")
         spec = resolve_block_spec(block)
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.grad_checkpointing = grad_checkpointing
 
-        # One timestep and one label embedder per width; condition c_i = t_emb_i + y_emb_i.
+        # One timestep and one label embedder per width; condition c_i = t_emb_i + y_emb_i. In training
+        # each label embedder drops the label on its own draw ("per_level", the reference's: ~0.1% of
+        # samples unconditional at all three levels, ~27% at one or two, for p = 0.1) or all three share
+        # one draw ("shared": p unconditional, none partly).
         for i, width in enumerate((C, 2 * C, 4 * C), start=1):
             self.add_module(f"t_embedder_{i}", TimestepEmbedder(width))
             self.add_module(f"y_embedder_{i}", LabelEmbedder(num_classes, width, class_dropout_prob))
@@ -135,15 +147,19 @@ class FCDM(ModelMixin, ConfigMixin, GuidedModelMixin):
                 x = blk(x, c)
         return x
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (B, in, H, W) noisy input, t: (B,) timesteps, y: (B,) labels -> (B, out, H, W)."""
-        if self.training and self.y_embedder_1.dropout_prob > 0:
-            # Drop labels once, so every level sees the same (possibly null) class.
-            y = self.y_embedder_1.token_drop(y)
-        c1, c2, c3 = (
-            getattr(self, f"t_embedder_{i}")(t) + getattr(self, f"y_embedder_{i}")(y, train=False)
+    def condition(self, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The conditioning vectors (c1, c2, c3) of the three widths, with label dropout in training."""
+        per_level = self.training and self.config.label_dropout == "per_level"
+        if self.training and not per_level and self.y_embedder_1.dropout_prob > 0:
+            y = self.y_embedder_1.token_drop(y)  # one draw: every level sees the same (possibly null) class
+        return tuple(
+            getattr(self, f"t_embedder_{i}")(t) + getattr(self, f"y_embedder_{i}")(y, train=per_level)
             for i in (1, 2, 3)
         )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x: (B, in, H, W) noisy input, t: (B,) timesteps, y: (B,) labels -> (B, out, H, W)."""
+        c1, c2, c3 = self.condition(t, y)
         x = self.x_embedder(x.contiguous(memory_format=CL))
         skip1 = x = self._run(self.encoder_level_1, x, c1)                    # (B, C, H, W)
         skip2 = x = self._run(self.encoder_level_2, self.down1_2(x), c2)      # (B, 2C, H/2, W/2)
@@ -169,6 +185,9 @@ def validate_fcdm_args(input_size: int, in_channels: int, num_classes: int, L: i
          f"input size must be divisible by 4 (two 2x downsamplings), got {input_size}")
     need(in_channels >= 1, f"in_channels must be >= 1, got {in_channels}")
     need(num_classes >= 1, f"num_classes must be >= 1, got {num_classes}")
+
+
+LABEL_DROPOUT = ("per_level", "shared")  # model.label_dropout
 
 
 # Presets (facts section 4). `FCDM` is the open family: give L and C yourself.

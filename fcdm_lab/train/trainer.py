@@ -14,8 +14,8 @@ position.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
-import math
 import os
 import time
 import warnings
@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Sampler
 
+from ..accel import configure_tf32
 from ..config import ExperimentConfig
 from ..data.build import CONFIG_KEYS as DATA_KEYS
 from ..data.build import build_dataset
@@ -35,8 +35,10 @@ from ..diffusion import create_objective
 from ..errors import UserError, choices
 from ..models.build import build_model
 from . import checkpoint as ckpt_io
+from .preflight import check_model_memory, check_output_dir, run_folder_lock
 from .rng import all_gather, derive_seed, rng_state, seed_streams, set_rng_state
 from .sampling import generate, grid_labels, load_vae_for, save_grid
+from ..signals import StopRequest, ignore_in_worker, stop_on_signals
 
 
 @dataclass
@@ -50,6 +52,7 @@ class TrainResult:
     images_per_s: float        # training throughput of this call (checkpoints and sampling excluded)
     model_info: dict
     data_info: dict
+    ema_model: Any = None      # the in-memory EMA network (main process), evaluated without a reload
 
 
 class TrainingDiverged(UserError):
@@ -95,15 +98,17 @@ class ResumableSampler(Sampler[int]):
 # EMA, learning rate, accelerator
 # ---------------------------------------------------------------------------------------------
 
-def ema_multi_avg_fn(decay: float, warmup: bool):
+def ema_multi_avg_fn(decay: float, warmup: bool, count=None):
     """EMA update for AveragedModel; with warm-up the decay is min(decay, (1 + n) / (10 + n)), n = the
-    number of updates so far, so short runs are not dominated by the random init."""
+    number of updates so far, so short runs are not dominated by the random init. `count()` gives n
+    from host memory (AveragedModel keeps `n_averaged` on the CPU), so that the warm-up costs no
+    GPU->CPU synchronisation per step; AveragedModel hands the update a device copy of it."""
     if not warmup:
         return get_ema_multi_avg_fn(decay)
 
     @torch.no_grad()
     def update(ema_params, params, num_averaged):
-        n = int(num_averaged)
+        n = count() if count is not None else int(num_averaged)
         torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
 
     return update
@@ -117,6 +122,7 @@ def lr_at(step: int, lr: float, warmup_steps: int) -> float:
 def _make_accelerator(cfg: ExperimentConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
 
     mp = cfg.train.mixed_precision
     if mp == "fp16" and not torch.cuda.is_available():
@@ -126,8 +132,13 @@ def _make_accelerator(cfg: ExperimentConfig):
     old = AcceleratorState._shared_state.get("_mixed_precision")
     if old is not None and old != mp:
         AcceleratorState._reset_state()
+    # Gradients as views of DDP's buckets: the weights live in channels_last memory, and without this
+    # DDP copies every gradient into a contiguous bucket each step ("grad strides do not match bucket
+    # view strides"); as views, backward accumulates straight into the bucket, in the parameter's layout.
+    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
+    # torch.compile is applied per block by train() (regional compilation), not by accelerate.
     return Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum,
-                       dynamo_backend="inductor" if cfg.train.compile else "no")
+                       dynamo_backend="no", kwargs_handlers=[ddp])
 
 
 def _micro_batch(cfg: ExperimentConfig, world: int) -> int:
@@ -201,7 +212,7 @@ class _Window:
     def __init__(self):
         self.losses: list[torch.Tensor] = []
         self.t_fracs: list[torch.Tensor] = []
-        self.grad_norms: list[float] = []
+        self.grad_norms: list[torch.Tensor] = []
         self.images = 0
         self.start = time.perf_counter()
         self.paused = 0.0
@@ -222,21 +233,29 @@ class _Window:
         out["lr"] = lr
         out["images_per_s"] = self.images / self.elapsed()
         if self.grad_norms:
-            out["grad_norm"] = float(np.mean(self.grad_norms))
+            out["grad_norm"] = torch.stack(self.grad_norms).mean().item()
         return out
 
 
 class _Progress:
-    """A rich progress bar (loss, steps/s, images/s, ETA) on the main process, or nothing."""
+    """Progress on the main process: a rich bar on a terminal; otherwise (a log file, a cluster job's
+    stdout) one plain, flushed line per log step, since a bar writes nothing to a file until it ends."""
 
     def __init__(self, enabled: bool, total: int, done: int, description: str):
-        self.bar = None
+        from rich.console import Console
+
+        self.bar, self.lines = None, False
         if not enabled:
+            return
+        console = Console()
+        if not (console.is_terminal or console.is_jupyter):
+            self.lines, self.total, self.description = True, total, description
+            self.start_step, self.start = done, time.perf_counter()
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[stats]}"), TimeRemainingColumn())
+                            TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console)
         self.task = self.bar.add_task(description, total=total, completed=done, stats="")
         self.bar.start()
 
@@ -244,14 +263,30 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(self.task, advance=1, stats=stats)
 
+    def log(self, step: int, metrics: dict) -> None:
+        """At a log step (line mode): step, loss, images/s and the ETA from this run's mean pace."""
+        if not self.lines:
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = (self.total - step) * elapsed / max(step - self.start_step, 1)
+        print(f"{self.description} step {step}/{self.total}  loss {metrics['loss']:.4f}  "
+              f"{metrics['images_per_s']:.0f} images/s  ETA {_hms(eta)}", flush=True)
+
     def print(self, message: str) -> None:
         if self.bar is not None:
             self.bar.console.print(message)
+        elif self.lines:
+            print(message, flush=True)
 
     def stop(self) -> None:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,12 +302,28 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, resume: str | No
     total (<= cfg.train.steps; the schedule and config stay those of cfg, so a later resume continues).
     tracker: duck-typed `log_metrics(dict, step)`, `log_image(array_or_pil, artifact_file)`,
     `log_artifact(local_path, artifact_path=None)`; only the main process calls it.
+
+    SIGTERM, SIGINT and SIGUSR1 stop the run after the current step with a checkpoint, raising
+    `signals.Interrupted` (exit code 143 / 130 / 143, resume with resume="latest"); every process
+    of a distributed run stops at the same step. One training at a time per out_dir: a second is
+    refused while the first runs (an OS file lock, released however the first ends).
     """
+    from accelerate import PartialState
+
+    check_output_dir(out_dir)
+    lock = run_folder_lock(out_dir) if PartialState().is_main_process else contextlib.nullcontext()
+    with lock, stop_on_signals() as stop:
+        return _train(cfg, out_dir, stop, resume=resume, tracker=tracker, progress=progress, max_steps=max_steps)
+
+
+def _train(cfg: ExperimentConfig, out_dir: str | os.PathLike, stop: StopRequest, *, resume: str | None = None,
+           tracker=None, progress: bool = True, max_steps: int | None = None) -> TrainResult:
     wall_start = time.time()
     tcfg = cfg.train
     out_dir = Path(out_dir)
     if tcfg.threads is not None:
         torch.set_num_threads(tcfg.threads)
+    configure_tf32(tcfg.tf32)
     accelerator = _make_accelerator(cfg)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     device = accelerator.device
@@ -305,6 +356,7 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, resume: str | No
 
     # ---- data, model, objective (identical init on every process: seeded before building)
     dataset, data_info = build_dataset(_data_config(cfg), "train")
+    check_model_memory(cfg.model, data_info, device)  # on the meta device, before allocating
     torch.manual_seed(tcfg.seed)
     model, model_info = build_model(cfg.model, input_size=data_info["image_size"],
                                     in_channels=data_info["channels"], num_classes=data_info["num_classes"])
@@ -312,7 +364,8 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, resume: str | No
     objective = create_objective(cfg.diffusion.objective, num_timesteps=cfg.diffusion.num_timesteps,
                                  beta_start=cfg.diffusion.beta_start, beta_end=cfg.diffusion.beta_end,
                                  learn_sigma=cfg.model.learn_sigma, time_scale=cfg.diffusion.time_scale)
-    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(tcfg.ema_decay, tcfg.ema_warmup))
+    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(tcfg.ema_decay, tcfg.ema_warmup,
+                                                             count=lambda: int(ema.n_averaged)))
     ema.update_parameters(model)  # the EMA starts as a copy of the initial weights (DiT)
     ema.module.eval().requires_grad_(False)
     fused = tcfg.fused_adamw and device.type in ("cpu", "cuda")
@@ -328,14 +381,20 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, resume: str | No
         opt.load_state_dict(ckpt["opt"])
         start_step, data_pos = int(ckpt["step"]), int(ckpt["data_pos"])
 
+    if tcfg.compile:
+        # Regional compilation (diffusers): each repeated block is compiled once and reused, so the
+        # adaLN blocks compile in seconds instead of the whole U-shape in minutes; speed is the same.
+        model.compile_repeated_blocks()
     train_model, opt = accelerator.prepare(model, opt)
     if ckpt is not None and ckpt.get("scaler") is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(ckpt["scaler"])
 
     # ---- the data stream and the random streams (restored last: building the above draws from them)
     sampler = ResumableSampler(len(dataset), tcfg.seed, start=data_pos, rank=rank, world=world)
-    loader = DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=cfg.data.num_workers,
-                        pin_memory=device.type == "cuda",
+    workers = cfg.data.num_workers
+    # Pinned host memory makes the copies in the loop asynchronous; workers prefetch two batches each.
+    loader = DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=workers, worker_init_fn=ignore_in_worker,
+                        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None,
                         generator=torch.Generator().manual_seed(derive_seed(tcfg.seed, rank, data_pos, 4)))
     batches = iter(loader)
     noise_gen = seed_streams(tcfg.seed, rank, device)
@@ -402,15 +461,31 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, resume: str | No
         accelerator.wait_for_everyone()
         return path
 
-    # ---- the loop
+    # ---- the loop. No host synchronisation per step (on a GPU it would stall the queue of kernels):
+    # losses stay on the device and are read at logging steps and before every checkpoint, where a
+    # non-finite loss stops the run naming its first bad step, so a bad step never reaches a checkpoint.
     bar = _Progress(progress and main, end_step, start_step, cfg.name)
     if ckpt_path is not None:
         bar.print(f"resumed from {ckpt_path} at step {start_step}")
     step, last_ckpt = start_step, ckpt_path
-    recent: collections.deque[float] = collections.deque(maxlen=tcfg.log_every)
+    recent: collections.deque[torch.Tensor] = collections.deque(maxlen=tcfg.log_every)
+    unchecked: list[torch.Tensor] = []  # step losses since the last finiteness check
     window = _Window()
-    run_start, run_paused, smoothed = time.perf_counter(), 0.0, None
+    run_start, run_paused, stats = time.perf_counter(), 0.0, ""
     images_per_step = tcfg.batch_size
+
+    def check_finite() -> None:
+        """Collective: every process learns whether any process saw a non-finite loss."""
+        losses = accelerator.reduce(torch.stack(unchecked), "sum") if world > 1 else torch.stack(unchecked)
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            first = step - len(unchecked) + int(bad[0]) + 1
+            good = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+            raise TrainingDiverged(f"training diverged: loss is {float(losses[int(bad[0])])} at step {first} "
+                                   f"(lr {lr_at(first - 1, tcfg.lr, tcfg.warmup_steps):g}); {good}; "
+                                   f"lower train.lr or set train.grad_clip, then resume")
+        unchecked.clear()
+
     try:
         while step < end_step:
             lr = lr_at(step, tcfg.lr, tcfg.warmup_steps)
@@ -427,33 +502,32 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, resume: str | No
                 step_loss += loss.detach() / tcfg.grad_accum
                 window.losses.append(terms["loss"].detach())
                 window.t_fracs.append(terms["t_frac"].detach())
-            # Checked before the update, so a bad step never reaches the weights or a checkpoint.
-            loss_value = accelerator.reduce(step_loss, "mean").item()
-            if not math.isfinite(loss_value):
-                good = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                raise TrainingDiverged(f"training diverged: loss is {loss_value} at step {step + 1} (lr {lr:g}); "
-                                       f"{good}; lower train.lr or set train.grad_clip, then resume")
             if tcfg.grad_clip is not None:
                 norm = accelerator.clip_grad_norm_(train_model.parameters(), tcfg.grad_clip)
-                window.grad_norms.append(float(norm))
+                window.grad_norms.append(torch.as_tensor(norm).detach().float())
             opt.step()
             opt.zero_grad(set_to_none=True)
             ema.update_parameters(model)
             step += 1
-            recent.append(loss_value)
+            recent.append(step_loss)
+            unchecked.append(step_loss)
             window.images += images_per_step
-            smoothed = loss_value if smoothed is None else 0.95 * smoothed + 0.05 * loss_value
-            rate = len(window.losses) / tcfg.grad_accum / window.elapsed()
-            bar.update(f"loss {smoothed:.4f}  {rate:.2f} steps/s  {rate * images_per_step:.0f} img/s")
 
-            if step % tcfg.log_every == 0 or step == end_step:
+            log_now = step % tcfg.log_every == 0 or step == end_step
+            ckpt_now = step % tcfg.ckpt_every == 0 or step == end_step
+            if log_now or ckpt_now:
+                check_finite()
+            if log_now:
                 metrics = window.metrics(accelerator, lr)
+                stats = f"loss {metrics['loss']:.4f}  {metrics['images_per_s']:.0f} img/s"
                 if main and tracker is not None:
                     tracker.log_metrics(metrics, step)
+                bar.log(step, metrics)
                 window = _Window()
+            bar.update(stats)
             paused = time.perf_counter()
-            if step % tcfg.ckpt_every == 0 or step == end_step:
-                last_ckpt = save_checkpoint(step, float(np.mean(recent)))
+            if ckpt_now:
+                last_ckpt = save_checkpoint(step, torch.stack(list(recent)).mean().item())
             if (tcfg.sample_every > 0 and step % tcfg.sample_every == 0) or step == end_step:
                 if main:
                     sample_grid(step)
@@ -461,6 +535,13 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, resume: str | No
             pause = time.perf_counter() - paused
             window.paused += pause
             run_paused += pause
+            if step < end_step and stop.agree(step, world, accelerator):  # a signal: save, then stop
+                if not ckpt_now:
+                    if unchecked:
+                        check_finite()
+                    last_ckpt = save_checkpoint(step, torch.stack(list(recent)).mean().item())
+                raise stop.interrupted(f"at step {step} of {end_step}; checkpoint {last_ckpt}",
+                                       checkpoint=last_ckpt, out_dir=out_dir, step=step)
     finally:
         bar.stop()
         del batches  # stops DataLoader workers
@@ -471,14 +552,19 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, resume: str | No
         meta = {"format": "fcdm-lab-ema", "step": step, "model_info": model_info, "data_info": data_info,
                 "config": cfg.to_dict()}
         save_ema_safetensors(ema.module.state_dict(), ema_path, meta)
+        from ..diffusers_pipeline import save_run_pipeline  # EMA model in diffusers layout (FCDMPipeline)
+
+        diffusers_files = save_run_pipeline(ema.module, cfg, out_dir, data_info)
         config_path = write_config_toml(cfg, out_dir / "config.toml")
         if tracker is not None:
             tracker.log_artifact(str(config_path))
+            for path in diffusers_files:  # artifact pipeline/: model_index.json, model/, scheduler/
+                tracker.log_artifact(str(path), "pipeline" if path.is_file() else f"pipeline/{path.name}")
     accelerator.wait_for_everyone()
     steps_run = step - start_step
     run_time = max(time.perf_counter() - run_start - run_paused, 1e-9)
-    final_loss = float(np.mean(recent)) if recent else float((ckpt or {}).get("loss", float("nan")))
+    final_loss = torch.stack(list(recent)).mean().item() if recent else float((ckpt or {}).get("loss", float("nan")))
     return TrainResult(out_dir=out_dir, step=step, checkpoint=Path(last_ckpt), ema_path=ema_path,
                        final_loss=final_loss, wall_time_s=time.time() - wall_start,
                        images_per_s=steps_run * images_per_step / run_time if steps_run else 0.0,
-                       model_info=model_info, data_info=data_info)
+                       model_info=model_info, data_info=data_info, ema_model=ema.module if main else None)

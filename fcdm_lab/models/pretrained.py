@@ -1,0 +1,60 @@
+"""diffusers-native loading for every model family: `FCDM.from_pretrained(folder)`.
+
+A trained run folder (and its MLflow `pipeline/` artifact) is a diffusers pipeline folder:
+`model_index.json`, `model/` (config.json + diffusion_pytorch_model.safetensors, the EMA weights)
+and `scheduler/`. `from_pretrained` accepts that folder as well as the `model/` folder itself, and
+puts the weights back into the memory layout the model trains and samples fastest in: diffusers
+loads every tensor contiguous, which silently undoes FCDM's channels_last weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError, choices
+
+MODEL_SUBFOLDER = "model"  # where the model lives inside a pipeline / run folder
+
+
+class PretrainedMixin:
+    """Put first in a model's bases (before diffusers' ModelMixin) to override `from_pretrained`."""
+
+    weights_memory_format = torch.contiguous_format  # FCDM overrides: channels_last
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        folder = Path(os.fspath(pretrained_model_name_or_path))
+        if "subfolder" not in kwargs and folder.is_dir() and not (folder / "config.json").is_file() \
+                and (folder / MODEL_SUBFOLDER / "config.json").is_file():
+            kwargs["subfolder"] = MODEL_SUBFOLDER  # a run or pipeline folder: its model
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return model.to(memory_format=cls.weights_memory_format)
+
+
+def model_folder(path: str | os.PathLike) -> Path | None:
+    """The diffusers model folder in `path` (itself or its `model/`), or None."""
+    path = Path(path)
+    for folder in (path, path / MODEL_SUBFOLDER):
+        if (folder / "config.json").is_file() and any(folder.glob("diffusion_pytorch_model*.safetensors")):
+            return folder
+    return None
+
+
+def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Any family's model from a diffusers folder (run folder, pipeline folder or model folder); the
+    class comes from config.json's `_class_name`. In eval mode, gradients off."""
+    from . import FAMILY_CLASSES
+
+    folder = model_folder(path)
+    if folder is None:
+        raise UserError(f"{path} holds no diffusers model (config.json + diffusion_pytorch_model.safetensors, "
+                        f"itself or in {MODEL_SUBFOLDER}/); pass a run folder written by `fcdm-lab train`")
+    name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    classes = {cls.__name__: cls for cls in FAMILY_CLASSES.values()}
+    if name not in classes:
+        raise UserError(f"{folder}/config.json names model class {name!r}; valid: {choices(sorted(classes))}")
+    model = classes[name].from_pretrained(folder, local_files_only=True)
+    return model.to(device).eval().requires_grad_(False)
