@@ -16,12 +16,12 @@ from torch.utils.data import Dataset
 from fcdm_lab.data import digits as digits_mod
 from fcdm_lab.errors import UserError, choices
 
-DATASETS = ("digits", "imagefolder", "mnist", "fashionmnist", "cifar10", "latents")
+DATASETS = ("digits", "fashion-mnist", "imagefolder", "mnist", "fashionmnist", "cifar10", "latents")
 SPLITS = ("train", "test")
 CONFIG_KEYS = ("name", "path", "test_path", "image_size", "random_flip", "download")
 # Mirroring helps natural images; it would turn digits into other glyphs.
 _DEFAULT_FLIP = {"digits": False, "mnist": False, "fashionmnist": False, "cifar10": True, "imagefolder": True,
-                 "latents": False}
+                 "latents": False, "fashion-mnist": False}
 
 
 class RandomFlip(Dataset):
@@ -71,6 +71,14 @@ def build_dataset(cfg: dict, split: str = "train") -> tuple[Dataset, dict]:
             dataset = RandomFlip(dataset)
         channels, size, num_classes = 1, image_size or digits_mod.NATIVE_SIZE, digits_mod.NUM_CLASSES
         fingerprint = digits_mod.digits_fingerprint(split, image_size)
+    elif name == "fashion-mnist":  # local IDX files (Debian's dataset-fashion-mnist or data.path)
+        from fcdm_lab.data.fashion import NUM_CLASSES, FashionMNIST
+
+        dataset = FashionMNIST(split, image_size, cfg.get("path"))
+        channels, size, num_classes = 1, dataset.image_size, NUM_CLASSES
+        fingerprint = dataset.fingerprint()
+        if flip:
+            dataset = RandomFlip(dataset)
     elif name == "imagefolder":
         from fcdm_lab.data.images import ImageFolderDataset
 

@@ -7,11 +7,13 @@ Metric names say which features judged them (facts: proxy metrics must never pas
   fid_digits, kid_digits, is_digits, precision_digits, recall_digits   the digits CNN's features
   class_acc_digits                                                     share of samples the digits
                                                                        classifier labels as their class
+  fid_fashion, ..., class_acc_fashion                                  the same with the Fashion-MNIST CNN
   fid_inception, kid_inception, is_inception, precision_inception, recall_inception
                                                                        Inception-v3; the result key
                                                                        carries the sample count
                                                                        (fid_inception_5k)
-Short names (fid, kid, is, prc) pick the digits CNN for digits data and Inception otherwise.
+Short names (fid, kid, is, prc) pick the digits CNN for digits data, the Fashion-MNIST CNN for
+fashion-mnist and Inception otherwise.
 """
 from __future__ import annotations
 
@@ -24,9 +26,12 @@ import torch
 from ..errors import UserError, choices
 
 FEATURE_METRICS = {"fid": "fid", "kid": "kid", "is": "is", "precision": "prc", "recall": "prc"}
-EXTRACTOR_TAGS = ("digits", "inception")
+EXTRACTOR_TAGS = ("digits", "inception", "fashion")
 CLASS_ACC = "class_acc_digits"
-METRIC_NAMES = tuple([f"{m}_{tag}" for tag in EXTRACTOR_TAGS for m in FEATURE_METRICS] + [CLASS_ACC])
+CLASSIFIER_DATA = {"digits": "digits", "fashion": "fashion-mnist"}  # our CNN judges -> the data they judge
+CLASS_ACCS = {f"class_acc_{tag}": tag for tag in CLASSIFIER_DATA}
+METRIC_NAMES = tuple([f"{m}_{tag}" for tag in EXTRACTOR_TAGS for m in FEATURE_METRICS] + list(CLASS_ACCS))
+INCEPTION_METRICS = tuple(f"{m}_inception" for m in FEATURE_METRICS)
 GRID_SIZE = 64
 
 
@@ -42,8 +47,8 @@ def check_metric_names(names: Iterable[str]) -> List[str]:
 
 def expand_metric_names(names: Iterable[str], data_name: str) -> List[str]:
     """Short names as torch-fidelity calls them ("fid", "kid", "is", "prc") -> the judged names:
-    the digits CNN for digits data, Inception otherwise. Full names pass through."""
-    tag = "digits" if data_name == "digits" else "inception"
+    the dataset's own CNN for digits / fashion-mnist data, Inception otherwise. Full names pass through."""
+    tag = next((t for t, data in CLASSIFIER_DATA.items() if data == data_name), "inception")
     out: List[str] = []
     for name in names:
         short = {"prc": ["precision", "recall"]}.get(name, [name] if name in FEATURE_METRICS else None)
@@ -54,11 +59,14 @@ def expand_metric_names(names: Iterable[str], data_name: str) -> List[str]:
 
 
 def plan_metrics(names: Iterable[str]) -> Dict[str, Any]:
-    """{"digits": torch-fidelity metrics for the digits CNN, "inception": ..., "labels": bool}."""
-    plan: Dict[str, Any] = {"digits": [], "inception": [], "labels": False}
+    """{"digits": torch-fidelity metrics for the digits CNN, "fashion": ..., "inception": ...,
+    "labels": the CNN judging class consistency ("digits" | "fashion") or False}."""
+    plan: Dict[str, Any] = {"digits": [], "fashion": [], "inception": [], "labels": False}
     for name in check_metric_names(names):
-        if name == CLASS_ACC:
-            plan["labels"] = True
+        if name in CLASS_ACCS:
+            if plan["labels"] and plan["labels"] != CLASS_ACCS[name]:
+                raise UserError("class_acc_digits and class_acc_fashion judge different data; ask for one")
+            plan["labels"] = CLASS_ACCS[name]
             continue
         metric, tag = name.rsplit("_", 1)
         fid_name = FEATURE_METRICS[metric]
@@ -81,9 +89,11 @@ def metric_key(requested: str, keys: Iterable[str]) -> str | None:
 
 
 def default_reference(cfg) -> str:
-    """The real images to compare with when none is given: the digits training split for digits."""
+    """The real images to compare with when none is given: the training split for digits / fashion-mnist."""
     if cfg.data.name == "digits":
         return "digits-train"
+    if cfg.data.name == "fashion-mnist":
+        return "fashion-train"
     raise UserError(f"give a reference set for data {cfg.data.name!r} (--reference / eval.reference): a folder "
                     f"of PNGs or an ADM .npz of real images; 'digits-train' and 'digits-test' serve digits data")
 
@@ -91,24 +101,27 @@ def default_reference(cfg) -> str:
 def compute_sample_metrics(images: torch.Tensor, labels: torch.Tensor | None, *, metrics: Iterable[str],
                            reference, data_name: str, inception_weights=None) -> Dict[str, float]:
     """Metrics of a uint8 sample set (N, C, H, W) by the names above; `labels` are the classes the
-    samples were conditioned on (needed for class_acc_digits)."""
+    samples were conditioned on (needed for class_acc_*)."""
     from . import compute_metrics
 
     plan = plan_metrics(metrics)
-    if (plan["digits"] or plan["labels"]) and data_name != "digits":
-        raise UserError(f"*_digits metrics judge with the digits classifier and need data.name = 'digits' "
-                        f"(got {data_name!r}); use the *_inception metrics ({choices(METRIC_NAMES[5:10])})")
     out: Dict[str, float] = {}
-    if plan["digits"] or plan["labels"]:
-        if plan["labels"] and labels is None:
-            raise UserError("class_acc_digits needs the class labels the samples were conditioned on")
-        from .classifier import get_digits_classifier
+    for tag, data in CLASSIFIER_DATA.items():
+        judged = plan["labels"] == tag
+        if not (plan[tag] or judged):
+            continue
+        if data_name != data:
+            raise UserError(f"*_{tag} metrics judge with the {tag} classifier and need data.name = {data!r} "
+                            f"(got {data_name!r}); use the *_inception metrics ({choices(INCEPTION_METRICS)})")
+        if judged and labels is None:
+            raise UserError(f"class_acc_{tag} needs the class labels the samples were conditioned on")
+        from .classifier import get_classifier
 
         # Train/cache the judge here, with autograd on: class_consistency runs under torch.no_grad,
         # where a first-use training of the classifier would fail.
-        get_digits_classifier("cpu")
-        out.update(compute_metrics(images, reference, extractor="digits", metrics=plan["digits"],
-                                   labels=labels if plan["labels"] else None))
+        get_classifier(tag, "cpu")
+        out.update(compute_metrics(images, reference, extractor=tag, metrics=plan[tag],
+                                   labels=labels if judged else None))
     if plan["inception"]:
         out.update(compute_metrics(images, reference, extractor="inception", metrics=plan["inception"],
                                    inception_weights=inception_weights))
@@ -119,7 +132,7 @@ def compute_sample_metrics(images: torch.Tensor, labels: torch.Tensor | None, *,
 
 def _grid(images: torch.Tensor):
     """First GRID_SIZE samples as one HWC uint8 array (small images enlarged, as the trainer's grids)."""
-    from ..train.sampling import grid_array
+    from ..inference import grid_array
 
     return grid_array(images[:GRID_SIZE], nrow=8)
 
@@ -133,7 +146,7 @@ def evaluate_model(model: torch.nn.Module, cfg, *, num_samples: int | None = Non
     `metrics` and, with a tracker, log them at `step` with the sample grid and tag eval.weights.
     `weights` ("ema" | "raw") only labels what the model holds; `data_info` (the trainer's) names
     the VAE of latent models. Returns {metric: value} (KID/IS with their _std companions)."""
-    from ..train.sampling import IMAGE_CHANNELS, generate, load_vae_for, objective_for
+    from ..inference import IMAGE_CHANNELS, generate, load_vae_for, objective_for
 
     ev = cfg.eval
     metrics = check_metric_names(expand_metric_names(ev.metrics if metrics is None else metrics, cfg.data.name))
@@ -182,7 +195,7 @@ def evaluate_checkpoint(checkpoint, *, num_samples: int | None = None, metrics: 
     the training folder's mlflow_run.json), or into a new evaluation run tagged with the source
     when the training run is unknown. Returns {metric: value}."""
     from ..tracking import RunPointer, attach_run, get_client, tracked_run
-    from ..train.sampling import load_checkpoint
+    from ..inference import load_checkpoint
 
     say = console.print if console is not None else (print if progress else (lambda *a, **k: None))
     path = Path(checkpoint)

@@ -2,7 +2,8 @@
 
 - "digits": the 128-d penultimate layer of the digits CNN (`classifier.py`), registered with
   torch-fidelity as "digits-cnn". Metric names end in `_digits` (`fid_digits`, never plain "fid"):
-  these numbers are not comparable with Inception FIDs.
+  these numbers are not comparable with Inception FIDs. "fashion" is the same for Fashion-MNIST
+  ("fashion-cnn", `fid_fashion`).
 - "inception": torch-fidelity's "inception-v3-compat" (the TF-FID network). Names carry the sample
   count (`fid_inception_5k`), so a 5k proxy FID is never mistaken for FID-50K.
 
@@ -32,15 +33,19 @@ from fcdm_lab.eval.classifier import (
     cache_root,
     class_consistency,
     classifier_cache_path,
-    get_digits_classifier,
+    get_classifier,
 )
 from fcdm_lab.eval.samples_io import check_images_uint8, from_uint8, load_samples, to_uint8
 
 DIGITS_EXTRACTOR = "digits-cnn"
+FASHION_EXTRACTOR = "fashion-cnn"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
-EXTRACTORS = {"digits": DIGITS_EXTRACTOR, "inception": INCEPTION_EXTRACTOR}
+EXTRACTORS = {"digits": DIGITS_EXTRACTOR, "inception": INCEPTION_EXTRACTOR, "fashion": FASHION_EXTRACTOR}
+CLASSIFIER_EXTRACTORS = ("digits", "fashion")  # our own CNNs (classifier.CLASSIFIERS); they also judge labels
 METRICS = ("fid", "kid", "is", "prc")
 DIGITS_REFERENCES = {"digits-train": "train", "digits-test": "test"}
+FASHION_REFERENCES = {"fashion-train": "train", "fashion-test": "test"}
+REFERENCES = (*DIGITS_REFERENCES, *FASHION_REFERENCES)
 INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
 KID_MAX_SUBSET = 1000  # torch-fidelity's default subset size, lowered when a set is smaller
 PRC_NEIGHBORHOOD = 3
@@ -48,11 +53,14 @@ ISC_SPLITS = 10
 
 
 class DigitsFeatureExtractor(FeatureExtractorBase):
-    """torch-fidelity view of the digits CNN: uint8 (N, 1|3, H, W) -> the 128-d features and the logits."""
+    """torch-fidelity view of the digits CNN: uint8 (N, 1|3, H, W) -> the 128-d features and the logits.
+    Subclasses name another of classifier.CLASSIFIERS."""
+
+    classifier_name = "digits"
 
     def __init__(self, name, features_list, **kwargs):  # kwargs: all calculate_metrics options, unused
         super().__init__(name, features_list)
-        self.classifier = get_digits_classifier("cpu")  # torch-fidelity moves us to CUDA when asked
+        self.classifier = get_classifier(self.classifier_name, "cpu")  # torch-fidelity moves us to CUDA when asked
 
     @staticmethod
     def get_provided_features_list():
@@ -72,22 +80,38 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
 
     def forward(self, x):
         if not (torch.is_tensor(x) and x.dtype == torch.uint8):
-            raise ValueError("digits-cnn expects uint8 image batches")
+            raise ValueError(f"{EXTRACTORS[self.classifier_name]} expects uint8 image batches")
         feats, logits = self.classifier.features_and_logits(from_uint8(x))
         out = {str(FEATURE_DIM): feats, "logits": logits}
         return tuple(out[name] for name in self.features_list)
 
 
+class FashionFeatureExtractor(DigitsFeatureExtractor):
+    """torch-fidelity view of the Fashion-MNIST CNN (28x28)."""
+
+    classifier_name = "fashion"
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+
+
 _register_lock = threading.Lock()
+_EXTRACTOR_CLASSES = {"digits": DigitsFeatureExtractor, "fashion": FashionFeatureExtractor}
+
+
+def register_classifier_extractor(extractor: str = "digits") -> str:
+    """Register one of our CNNs ("digits" -> "digits-cnn", "fashion" -> "fashion-cnn") with
+    torch-fidelity once per process (a second registration raises there); returns the name."""
+    name = EXTRACTORS[extractor]
+    with _register_lock:
+        if name not in FEATURE_EXTRACTORS_REGISTRY:
+            register_feature_extractor(name, _EXTRACTOR_CLASSES[extractor])
+    return name
 
 
 def register_digits_extractor() -> str:
-    """Register "digits-cnn" with torch-fidelity once per process (a second registration raises
-    there); returns the name."""
-    with _register_lock:
-        if DIGITS_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
-            register_feature_extractor(DIGITS_EXTRACTOR, DigitsFeatureExtractor)
-    return DIGITS_EXTRACTOR
+    return register_classifier_extractor("digits")
 
 
 class UInt8Images(Dataset):
@@ -130,15 +154,19 @@ def _file_fingerprint(path: Path) -> str:
 
 def resolve_images(images, what: str = "samples") -> torch.Tensor:
     """A sample set as uint8 (N, C, H, W) from a tensor, a path (PNG folder or ADM .npz), or a
-    digits split name ("digits-train", "digits-test")."""
+    split name ("digits-train", "digits-test", "fashion-train", "fashion-test")."""
     if isinstance(images, (str, os.PathLike)):
         if isinstance(images, str) and images in DIGITS_REFERENCES:
             from fcdm_lab.data.digits import digits_arrays
 
             return to_uint8(torch.from_numpy(digits_arrays(DIGITS_REFERENCES[images])[0]))
+        if isinstance(images, str) and images in FASHION_REFERENCES:
+            from fcdm_lab.data.fashion import fashion_arrays
+
+            return to_uint8(torch.from_numpy(fashion_arrays(FASHION_REFERENCES[images])[0]))
         if not Path(images).exists():
             raise UserError(f"{what} {str(images)!r} is neither an existing folder / .npz file nor a "
-                            f"reference name ({choices(DIGITS_REFERENCES)})")
+                            f"reference name ({choices(REFERENCES)})")
         return load_samples(images)
     return check_images_uint8(images, what).cpu()  # the loader pins CPU memory when CUDA is used
 
@@ -177,17 +205,19 @@ def compute_metrics(samples, reference, *, extractor: str = "digits", metrics: I
     """Distribution metrics of `samples` against `reference` with torch-fidelity.
 
     samples: uint8 tensor (N, C, H, W) with C in {1, 3}, a folder of PNGs, an ADM .npz (arr_0, NHWC
-        uint8), or a digits split name. reference: the same kinds ("digits-train" / "digits-test").
-    extractor: "digits" (the digits CNN, any image size: resized to 8x8) or "inception"
+        uint8), or a split name. reference: the same kinds ("digits-train" / "digits-test" /
+        "fashion-train" / "fashion-test").
+    extractor: "digits" (the digits CNN, any image size: resized to 8x8), "fashion" (the Fashion-MNIST
+        CNN, resized to 28x28) or "inception"
         (inception-v3-compat; grayscale is repeated to 3 channels).
     metrics: any of "fid", "kid", "is" (Inception Score; for digits from the CNN's logits), "prc"
         (precision/recall, k=3).
-    labels: conditioning classes of the samples (digits only): adds class_acc_digits.
+    labels: conditioning classes of the samples (digits / fashion only): adds class_acc_<extractor>.
     cache_dir: torch-fidelity's cache for reference features/statistics
         (default: $FCDM_LAB_CACHE/fidelity or ~/.cache/fcdm-lab/fidelity).
 
     Returns floats keyed `<metric>_<tag>`, tag = "digits" or "inception_<count>" (e.g. "inception_5k"):
-    fid_*, kid_* (mean), kid_*_std, is_*, is_*_std, precision_*, recall_*, and class_acc_digits.
+    fid_*, kid_* (mean), kid_*_std, is_*, is_*_std, precision_*, recall_*, and class_acc_digits|fashion.
     """
     if extractor not in EXTRACTORS:
         raise UserError(f"unknown feature extractor {extractor!r}; valid: {choices(EXTRACTORS)}")
@@ -195,8 +225,9 @@ def compute_metrics(samples, reference, *, extractor: str = "digits", metrics: I
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise UserError(f"unknown metric(s) {choices(bad)}; valid: {choices(METRICS)}")
-    if labels is not None and extractor != "digits":
-        raise UserError("labels (class consistency) need extractor='digits': the judge is the digits classifier")
+    if labels is not None and extractor not in CLASSIFIER_EXTRACTORS:
+        raise UserError("labels (class consistency) need extractor='digits' or 'fashion': the judge is that "
+                        "dataset's classifier")
     if not metrics and labels is None:
         raise UserError(f"nothing to compute: give metrics (valid: {choices(METRICS)}) or labels")
 
@@ -204,7 +235,7 @@ def compute_metrics(samples, reference, *, extractor: str = "digits", metrics: I
     real = resolve_images(reference, "reference")
     out: dict[str, float] = {}
     if labels is not None:
-        out["class_acc_digits"] = class_consistency(fake, labels)
+        out[f"class_acc_{extractor}"] = class_consistency(fake, labels, name=extractor)
     if not metrics:
         return out
 
@@ -218,10 +249,11 @@ def compute_metrics(samples, reference, *, extractor: str = "digits", metrics: I
         raise UserError(f"Inception Score needs at least {ISC_SPLITS} samples (one per split); got {len(fake)}")
 
     extra = {}
-    if extractor == "digits":
-        register_digits_extractor()
-        weights_id = classifier_cache_path().stem  # hashes the classifier's training data and settings
-        tag = "digits"
+    if extractor in CLASSIFIER_EXTRACTORS:
+        register_classifier_extractor(extractor)
+        # hashes the classifier's training data and settings
+        weights_id = classifier_cache_path(name=extractor).stem
+        tag = extractor
     else:
         weights = _inception_weights(inception_weights)
         extra["feature_extractor_weights_path"] = str(weights)
