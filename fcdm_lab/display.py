@@ -111,3 +111,70 @@ def print_blocks(console: Console) -> None:
         m.add_row(name, MIXERS.meta(name).get("doc", ""))
     console.print(m)
     console.print("Compute matching knobs (model.match_flops / --match): ratio, ffn_ratio, width")
+
+
+# ---------------------------------------------------------------------------------------------
+# Studies and sweeps
+# ---------------------------------------------------------------------------------------------
+
+def print_wide(console: Console, table) -> None:
+    """Print a table; into a file or pipe at its natural width instead of wrapped to 80 columns."""
+    if console.is_terminal:
+        console.print(table)  # rich folds cells to the terminal's width
+        return
+    old = console.width
+    console.width = max(old, console.measure(table, options=console.options.update_width(1000)).maximum)
+    try:
+        console.print(table)
+    finally:
+        console.width = old
+
+
+def table_text(table, width: int = 200) -> str:
+    """A rich table as plain text (what the terminal shows)."""
+    import io
+
+    console = Console(file=io.StringIO(), width=width, record=True, color_system=None)
+    console.print(table)
+    return console.export_text()
+
+
+def studies_table(specs) -> Table:
+    """The bundled studies (what `fcdm-lab ablate` with no name prints)."""
+    t = Table(title="Studies (run one: fcdm-lab ablate NAME)")
+    for col in ("study", "description", "variants", "base", "seeds", "steps"):
+        t.add_column(col)
+    for s in specs:
+        names = [f"{v.name}*" if v.name == s.baseline else v.name for v in s.variants]
+        t.add_row(s.name, s.description, ", ".join(names), s.base, str(s.seeds), str(s.steps or "-"))
+    return t
+
+
+VERDICT_STYLES = {"better": "green", "worse": "red", "inconclusive": "yellow"}
+
+
+def report_table(report) -> Table:
+    """A study report (studies/report.py) as a rich table: verdict cells coloured."""
+    from rich import box
+
+    t = Table(title=f"Study {report.study}: {report.description}" if report.description else f"Study {report.study}",
+              caption=report.caption(), box=box.SIMPLE_HEAD)
+    for i, h in enumerate(report.header()):  # fold, never cut: a truncated number is a wrong number
+        t.add_column(h, justify="left" if i in (0, 4) or h.startswith("Δ") else "right", overflow="fold")
+    for row in report.cells():
+        t.add_row(*[next((f"[{style}]{c}[/]" for word, style in VERDICT_STYLES.items() if f" {word}" in c), c)
+                    if c[:1] in "+-" else c for c in row])
+    return t
+
+
+def sweep_table(rows: List[Dict[str, Any]], title: str, fmt) -> Table:
+    """The trials of a sweep (studies/sweep.py): Pareto-optimal / best rows bold green."""
+    table = Table(title=title, title_justify="left")
+    columns = [c for c in (rows[0] if rows else {}) if c not in ("run_id", "error")
+               and (c != "note" or any(r["note"] for r in rows))]
+    for c in columns:
+        table.add_column(c, justify="left" if c == "state" else "right")
+    styles = {"COMPLETE": "", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan", "WAITING": "dim"}
+    for r in rows:
+        table.add_row(*(fmt(r[c]) for c in columns), style="bold green" if r["pareto"] else styles.get(r["state"], ""))
+    return table

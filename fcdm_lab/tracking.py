@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
-import math
 import os
 import subprocess
 import sys
@@ -503,43 +502,49 @@ class RunPointer:
         return None
 
 
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
 def train_in_run(tracker, cfg, out_dir, *, resume=None, progress: bool = True, study: str | None = None,
                  variant: str | None = None, seed: int | None = None, max_steps: int | None = None):
-    """Train `cfg` into `out_dir`, logging into an open run: config and tags first, then the
-    trainer's metrics and sample grids (it logs the final grid itself), then model size/compute
-    and the final EMA weights (weights/ema.safetensors)."""
-    from .train.trainer import train
+    """Train `cfg` into `out_dir` logging into an open run (the pipeline without evaluation);
+    returns the TrainResult. See `fcdm_lab.pipeline.run_pipeline`."""
+    from .pipeline import run_pipeline
 
-    tracker.set_tags(standard_tags(cfg, study=study, variant=variant, seed=seed))
-    log_run_config(tracker, cfg)
-    if tracker.active:
-        RunPointer(tracker.run_id, tracker.tracking_uri).save(out_dir)
-    result = train(cfg, out_dir, resume=resume, tracker=tracker, progress=progress, max_steps=max_steps)
-    tracker.set_tags(standard_tags(cfg, result.model_info, result.data_info, study=study, variant=variant, seed=seed))
-    tracker.log_params(model_params(result.model_info))
-    tracker.log_dict(_drop_none(dict(result.model_info)), "model_info.json")
-    tracker.log_dict(_drop_none(dict(result.data_info)), "data_info.json")
-    summary = {"train.wall_time_s": result.wall_time_s, "train.images_per_s": result.images_per_s,
-               "train.final_loss": result.final_loss}
-    tracker.log_metrics({k: v for k, v in summary.items() if _finite(v)}, step=result.step)
-    if result.ema_path and Path(result.ema_path).is_file():
-        tracker.log_artifact(result.ema_path, "weights")
-    return result
+    return run_pipeline(tracker, cfg, out_dir, resume=resume, progress=progress, study=study, variant=variant,
+                        seed=seed, max_steps=max_steps).train
+
+
+def _resumable_run_id(out_dir, uri: str, resume) -> str | None:
+    """The MLflow run a resumed training folder logged into (its pointer file), if this store has it:
+    resuming continues that run instead of splitting one training over two runs."""
+    if resume is None:
+        return None
+    pointer = RunPointer.find(out_dir if resume == "latest" else resume)
+    if pointer is None or pointer.tracking_uri != uri:
+        return None
+    try:
+        _client(uri).get_run(pointer.run_id)
+    except Exception:
+        return None
+    return pointer.run_id
 
 
 def train_tracked(cfg, out_dir, *, uri: str | None = None, resume=None, run_name: str | None = None,
                   parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None,
-                  progress: bool = True, experiment: str = DEFAULT_EXPERIMENT, max_steps: int | None = None):
-    """The `fcdm-lab train` library function: probe the store, open a run, train, log everything.
-    Returns (TrainResult, run_id); run_id is None in non-main processes."""
-    with tracked_run(run_name or cfg.name, uri=uri, experiment=experiment, tags=tags,
-                     parent_run_id=parent_run_id) as tracker:
-        result = train_in_run(tracker, cfg, out_dir, resume=resume, progress=progress, max_steps=max_steps)
-    return result, tracker.run_id
+                  progress: bool = True, experiment: str = DEFAULT_EXPERIMENT, max_steps: int | None = None,
+                  evaluate: bool = False):
+    """The `fcdm-lab train` library function: check everything (config, model, data, output folder,
+    checkpoint, store) before creating anything, then open a run (or reopen the folder's run when
+    resuming), train, evaluate (evaluate=True) and log. Returns (TrainResult, run_id); run_id is
+    None in non-main processes."""
+    from .pipeline import preflight, run_pipeline
+
+    checked = preflight(cfg, out_dir, resume=resume)  # a refused run leaves no run, folder or pointer
+    uri = resolve_tracking_uri(uri)
+    get_client(uri)  # probe the store before training
+    with tracked_run(run_name or cfg.name, uri=uri, experiment=experiment, tags=tags, parent_run_id=parent_run_id,
+                     run_id=_resumable_run_id(out_dir, uri, checked.resume)) as tracker:
+        out = run_pipeline(tracker, cfg, out_dir, resume=checked.resume, progress=progress, max_steps=max_steps,
+                           evaluate=evaluate)
+    return out.train, tracker.run_id
 
 
 # ---------------------------------------------------------------------------------------------

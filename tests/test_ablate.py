@@ -78,20 +78,20 @@ def test_interrupted_study_resumes_and_report_rebuilds(store, tiny_study, monkey
     # Ctrl+C in the second child stops the study: parent and that child KILLED
     monkeypatch.setattr(evaluate_mod, "evaluate_model", failing_cca(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        run_ablation(str(tiny_study), progress=False)
+        run_ablation(str(tiny_study), progress=False, workers=1)
     (parent,) = store.search_runs(["1"], "tags.kind = 'ablation'")
     assert parent.info.status == "KILLED"
     assert statuses(parent.info.run_id) == {"grn": "FINISHED", "cca": "KILLED"}
 
     # the same command resumes it; a child that fails is reported, the parent ends FAILED
     monkeypatch.setattr(evaluate_mod, "evaluate_model", failing_cca(RuntimeError("broken variant")))
-    with pytest.raises(UserError, match="1 of 2 runs of study 'tiny-study' failed .*cca seed 0: broken variant"):
-        run_ablation(str(tiny_study), progress=False)
+    with pytest.raises(UserError, match="1 of 2 runs of study 'tiny-study' failed .*cca seed 0: .*broken variant"):
+        run_ablation(str(tiny_study), progress=False, workers=1)
     assert store.get_run(parent.info.run_id).info.status == "FAILED"
     assert statuses(parent.info.run_id) == {"grn": "FINISHED", "cca": "FAILED"}
 
     monkeypatch.setattr(evaluate_mod, "evaluate_model", real)
-    result = run_ablation(str(tiny_study), progress=False)
+    result = run_ablation(str(tiny_study), progress=False, workers=1)
     assert result.resumed and result.parent_run_id == parent.info.run_id
     assert [(c.variant, c.skipped) for c in result.children] == [("grn", True), ("cca", False)]
 
@@ -116,7 +116,11 @@ def test_interrupted_study_resumes_and_report_rebuilds(store, tiny_study, monkey
     rows = {r.variant: r for r in report.rows}
     assert rows["grn"].is_baseline and rows["cca"].matched and rows["cca"].knob == "ratio"
     assert rows["cca"].diff is not None and rows["cca"].diff.n == 1
-    assert "n=1" in report.text() and "paper GFLOPs / FID / IS" in report.markdown()
+    assert rows["cca"].verdicts["fid_digits"].verdict == "n=1: no error bar"
+    assert "n=1: no error bar" in report.text() and "paper GFLOPs / FID / IS" in report.markdown()
+    parent_run = store.get_run(parent.info.run_id)
+    assert parent_run.data.tags["verdict.cca.fid_digits"] == "n=1: no error bar"
+    assert "verdict.cca.fid_digits.diff" in parent_run.data.metrics
     rebuilt = build_report(result.parent_run_id)
     assert rebuilt.markdown() == report.markdown() and rebuilt.text() == report.text()
 

@@ -5,14 +5,15 @@
 
 Per variant: params, GMACs and whether they match the baseline's within 1% (with the solved
 knob), every metric as mean +- 95% confidence half-width over seeds (Student t; one seed shows the
-value and says n=1), the paired difference of the primary metric to the baseline over the seeds
-both finished (same seed = same data order and noise, so the pairing removes most seed noise), and
-the training wall time. `run_ablation` prints this very report at its end, so the table printed
-there and the one `fcdm-lab report RUN_ID` prints agree by construction.
+value and says n=1), and per metric the paired difference to the baseline over the seeds both
+finished with its CI and a verdict (better / worse / inconclusive with the seeds a paired test
+would need; verdicts.py); the caption gives the baseline's seed-to-seed sd (the noise floor).
+`run_ablation` prints this very report at its end, so the table printed there and the one
+`fcdm-lab report RUN_ID` prints agree by construction; the parent run carries the same verdicts
+as metrics and tags. The rich table itself is rendered in display.py.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import tempfile
@@ -22,43 +23,11 @@ from typing import Any, Dict, List, Optional
 
 from ..errors import UserError
 from .spec import lower_is_better
+from .verdicts import NO_ERROR_BAR, Stat, Verdict, paired_verdict, summarize
 
 MATCH_TOLERANCE = 0.01   # "compute-matched" = GMACs within 1% of the baseline's
 STUDY_FILE = "study.json"
 REPORT_DIR = "report"
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics over seeds
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Stat:
-    """Mean and 95% t-interval half-width of one quantity over seeds (half is None for n = 1)."""
-
-    mean: float
-    half: Optional[float]
-    n: int
-    values: List[float]
-
-    def fmt(self, signed: bool = False) -> str:
-        """'0.7853' for one seed (the n column says n=1), '0.7853 ± 0.041' for several."""
-        mean = f"{self.mean:+.4g}" if signed else f"{self.mean:.4g}"
-        return mean if self.n == 1 or self.half is None else f"{mean} ± {self.half:.2g}"
-
-
-def summarize(values: List[float]) -> Optional[Stat]:
-    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not values:
-        return None
-    n = len(values)
-    mean = sum(values) / n
-    if n == 1:
-        return Stat(mean, None, 1, values)
-    from scipy import stats  # Student t quantile; scipy comes with scikit-learn
-
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return Stat(mean, float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n), n, values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,10 +45,16 @@ class Row:
     knob: Optional[str] = None
     knob_value: Optional[float] = None
     metrics: Dict[str, Stat] = field(default_factory=dict)
-    diff: Optional[Stat] = None             # paired difference of the primary metric to the baseline
+    verdicts: Dict[str, Verdict] = field(default_factory=dict)   # per metric, against the baseline
     wall_time_s: Optional[Stat] = None
     paper: Optional[Dict[str, float]] = None
     run_ids: List[str] = field(default_factory=list)
+
+    @property
+    def diff(self) -> Optional[Stat]:
+        """Paired difference of the first metric (the primary) to the baseline."""
+        first = next(iter(self.verdicts.values()), None)
+        return None if first is None else first.diff
 
     @property
     def matched(self) -> Optional[bool]:
@@ -143,8 +118,16 @@ class Report:
     def has_paper(self) -> bool:
         return any(r.paper for r in self.rows)
 
+    def noise_floor(self) -> Dict[str, float]:
+        """The baseline's seed-to-seed standard deviation per metric (needs >= 2 seeds)."""
+        base = next((r for r in self.rows if r.is_baseline), None)
+        if base is None:
+            return {}
+        return {m: s.sd for m, s in base.metrics.items() if s.sd is not None}
+
     def header(self) -> List[str]:
-        cols = ["variant", "n", "params", "GMACs", "matched", *self.metrics, f"Δ {self.primary}", "train time"]
+        cols = ["variant", "n", "params", "GMACs", "matched", *self.metrics, *[f"Δ {m} (verdict)" for m in self.metrics],
+                "train time"]
         if self.has_paper:
             cols.append("paper GFLOPs / FID / IS")
         return cols
@@ -155,7 +138,8 @@ class Report:
             row = [r.variant + (" *" if r.is_baseline else ""), f"n={len(r.seeds)}", _fmt_params(r.params),
                    _fmt_gmacs(r), _fmt_match(r)]
             row += [r.metrics[m].fmt() if m in r.metrics else "-" for m in self.metrics]
-            row.append("-" if r.is_baseline else (r.diff.fmt(signed=True) if r.diff else "-"))
+            row += ["baseline" if r.is_baseline else (r.verdicts[m].fmt() if m in r.verdicts else "-")
+                    for m in self.metrics]
             row.append(_fmt_time(r.wall_time_s))
             if self.has_paper:
                 row.append(_fmt_paper(r.paper))
@@ -165,8 +149,14 @@ class Report:
     def caption(self) -> str:
         better = "lower" if self.lower_is_better else "higher"
         text = (f"n = seeds finished; mean ± 95% CI (t) over seeds, the value alone for n=1; Δ = paired "
-                f"difference to the baseline (*) over shared seeds; sorted by {self.primary} ({better} is "
-                f"better); matched = GMACs within 1% of the baseline's (solved knob shown)")
+                f"difference to the baseline (*) over shared seeds ± 95% CI: better / worse when the CI excludes "
+                f"0, else inconclusive (~N seeds = what a paired t-test needs for 80% power at this effect); "
+                f"sorted by {self.primary} ({better} is better); matched = GMACs within 1% of the baseline's")
+        floor = self.noise_floor()
+        if floor:
+            text += "; noise floor (baseline seed-to-seed sd): " + ", ".join(f"{m} {v:.2g}" for m, v in floor.items())
+        elif self.seeds == 1:
+            text += f"; {NO_ERROR_BAR}: run more seeds (--seeds 3) for error bars and verdicts"
         if self.has_paper:
             text += "; paper = FCDM-L on ImageNet 256, FID-50K"
         if self.missing:
@@ -174,38 +164,39 @@ class Report:
         return text
 
     def table(self):
-        from rich.table import Table
+        from ..display import report_table
 
-        from rich import box
-
-        t = Table(title=f"Study {self.study}: {self.description}" if self.description else f"Study {self.study}",
-                  caption=self.caption(), box=box.SIMPLE_HEAD)
-        for i, h in enumerate(self.header()):  # fold, never cut: a truncated number is a wrong number
-            t.add_column(h, justify="left" if i in (0, 4) else "right", overflow="fold")
-        for row in self.cells():
-            t.add_row(*row)
-        return t
+        return report_table(self)
 
     def print(self, console) -> None:
-        """Print the table; into a file or pipe at its natural width instead of wrapped to 80."""
-        table = self.table()
-        if console.is_terminal:
-            console.print(table)  # rich folds cells to the terminal's width
-            return
-        old = console.width
-        console.width = max(old, console.measure(table, options=console.options.update_width(1000)).maximum)
-        try:
-            console.print(table)
-        finally:
-            console.width = old
+        from ..display import print_wide
+
+        print_wide(console, self.table())
 
     def text(self, width: int = 200) -> str:
         """The rich table as plain text (what the terminal shows)."""
-        from rich.console import Console
+        from ..display import table_text
 
-        console = Console(file=io.StringIO(), width=width, record=True, color_system=None)
-        console.print(self.table())
-        return console.export_text()
+        return table_text(self.table(), width)
+
+    def verdict_metrics(self) -> tuple[Dict[str, float], Dict[str, str]]:
+        """The verdicts as parent-run metrics and tags: verdict.<variant>.<metric> = better | worse |
+        inconclusive | n=1: no error bar (tag); .diff/.ci_low/.ci_high/.seeds_needed (metrics);
+        noise_floor.<metric> = the baseline's seed-to-seed sd."""
+        metrics: Dict[str, float] = {f"noise_floor.{m}": v for m, v in self.noise_floor().items()}
+        tags: Dict[str, str] = {}
+        for r in self.rows:
+            for m, v in r.verdicts.items():
+                if v.diff is None:
+                    continue
+                key = f"verdict.{r.variant}.{m}"
+                tags[key] = v.verdict
+                metrics[f"{key}.diff"] = v.diff.mean
+                if v.diff.half is not None:
+                    metrics[f"{key}.ci_low"], metrics[f"{key}.ci_high"] = v.diff.low, v.diff.high
+                if v.seeds_needed:
+                    metrics[f"{key}.seeds_needed"] = v.seeds_needed
+        return metrics, tags
 
     def markdown(self) -> str:
         lines = [f"# Study `{self.study}`", ""]
@@ -263,11 +254,15 @@ class Report:
                 "summary": folder / "summary.json"}
 
     def log(self, tracker) -> None:
-        """Log report.md, plot.png and summary.json under `report/` of the study's run."""
+        """Log report.md, plot.png and summary.json under `report/` of the study's run, and the
+        verdicts as its metrics and tags."""
         with tempfile.TemporaryDirectory() as tmp:
             paths = self.write(tmp)
             for p in paths.values():
                 tracker.log_artifact(p, REPORT_DIR)
+        metrics, tags = self.verdict_metrics()
+        tracker.log_metrics(metrics)
+        tracker.set_tags(tags)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,9 +351,10 @@ def build_report(run_id: str, uri: str | None = None) -> Report:
                     row.metrics[m] = stat
             row.wall_time_s = summarize([r.data.metrics.get("train.wall_time_s") for _, r in runs])
             if v != baseline:
-                diffs = [r.data.metrics[primary] - base_runs[s].data.metrics[primary] for s, r in runs
-                         if s in base_runs and primary in r.data.metrics and primary in base_runs[s].data.metrics]
-                row.diff = summarize(diffs)
+                paired = [(r.data.metrics, base_runs[s].data.metrics) for s, r in runs if s in base_runs]
+                for m in [primary, *[c for c in columns if c != primary]]:
+                    row.verdicts[m] = paired_verdict([a.get(m) for a, _ in paired], [b.get(m) for _, b in paired],
+                                                     lower_is_better=lower_is_better(m))
         rows.append(row)
 
     sign = 1.0 if lower_is_better(primary) else -1.0

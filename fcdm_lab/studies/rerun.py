@@ -1,8 +1,8 @@
 """`fcdm-lab rerun RUN_ID`: train a logged run again from what MLflow recorded.
 
 The config comes from the run's `config.toml` artifact (the resolved config, seed included), or
-from its params when the artifact is missing. A study child is evaluated again as the study did
-(same metrics, same evaluation seed). The new run is tagged `fcdm.rerun_of` and is not attached to
+from its params when the artifact is missing. It runs through the same pipeline as every run
+(pipeline.py); a run that was evaluated is evaluated again with the same metrics and seed. The new run is tagged `fcdm.rerun_of` and is not attached to
 the original study, so the study's statistics stay as they were. A warning says when the code
 differs from the commit the run recorded: the same config and seed on other code need not give
 the same numbers.
@@ -93,9 +93,8 @@ def rerun(run_id: str, uri: str | None = None, *, out_dir=None, progress: bool =
     """Re-execute a logged training run (or study child) from its recorded config and seed."""
     from rich.console import Console
 
-    from ..eval.evaluate import evaluate_model
-    from ..tracking import get_client, get_run, git_state, resolve_tracking_uri, tracked_run, train_in_run
-    from ..train.sampling import load_checkpoint
+    from ..pipeline import preflight, run_pipeline
+    from ..tracking import get_client, get_run, git_state, resolve_tracking_uri, tracked_run
 
     console = console or Console()
     uri = resolve_tracking_uri(uri)
@@ -126,16 +125,12 @@ def rerun(run_id: str, uri: str | None = None, *, out_dir=None, progress: bool =
     new_tags = {"kind": "rerun", "fcdm.rerun_of": run_id, "study": study, "variant": variant}
     console.print(f"Rerunning {run.info.run_name or run_id} ({cfg.name}, seed {cfg.train.seed}, "
                   f"{cfg.train.steps} steps) into {folder}")
-    metrics = None
+    preflight(cfg, folder)  # nothing is created for a run that cannot train
     with tracked_run(f"rerun-{run.info.run_name or run_id[:8]}", uri=uri, tags=new_tags) as tracker:
-        result = train_in_run(tracker, cfg, folder, progress=progress, study=study, variant=variant,
-                              seed=None if seed is None else int(seed))
-        if evaluated:
-            model, _, _ = load_checkpoint(result.checkpoint, use_ema=True, device="cpu")
-            eval_seed = int(tags.get("eval.seed", cfg.train.seed if study else 0))
-            metrics = evaluate_model(model, cfg, tracker=tracker, step=result.step, weights="ema",
-                                     data_info=result.data_info, seed=eval_seed, save_dir=folder / "eval",
-                                     progress=progress)
+        out = run_pipeline(tracker, cfg, folder, progress=progress, study=study, variant=variant,
+                           seed=None if seed is None else int(seed), evaluate=evaluated,
+                           eval_seed=int(tags.get("eval.seed", cfg.train.seed)))
+    result, metrics = out.train, out.metrics or None
     if metrics:
         before = run.data.metrics
         for k, v in metrics.items():

@@ -26,7 +26,6 @@ in small discrete spaces) reuses the finished trial's values instead of training
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -40,10 +39,10 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from ..config import ExperimentConfig, load_experiment, resolve_experiment_path, resolve_named_file, read_toml
 from ..errors import UserError, choices
+from .storage import DEFAULT_STORAGE, STORAGE_FORMS, check_storage_url, open_storage, redact, sqlite_init_lock
 from .spec import (STUDIES_DIR, SECTIONS, flatten_overrides, lower_is_better, model_info_for, normalize_overrides,
                    strict_table, typed_value)
 
-DEFAULT_STORAGE = "sqlite:///optuna.db"
 SAMPLERS = ("nsga2", "tpe", "random", "grid")
 PRUNERS = ("none", "median", "hyperband")
 DIRECTIONS = ("minimize", "maximize")
@@ -55,7 +54,6 @@ HIGHER_IS_BETTER = ("images_per_s",)
 PARENT_ATTR = "mlflow_parent_run_id"                   # Optuna study user attrs shared by every worker
 URI_ATTR = "mlflow_tracking_uri"
 SPEC_ATTR = "sweep_spec"
-HEARTBEAT_S = 60  # a worker killed mid-trial leaves a RUNNING trial; its missing heartbeat fails it
 
 SWEEP_KEYS: Dict[str, tuple] = {
     "kind": (str, True, 'must be "sweep"'),
@@ -306,7 +304,10 @@ def load_sweep(name_or_path: str | Path) -> SweepSpec:
     if spec.sampler == "grid":
         for p in spec.space:
             p.grid()
-    resolve_experiment_path(spec.base_path())  # unknown base experiment: fail at load time
+    try:  # the base experiment with the sweep's `set`, through the same typed checks: fails at load time
+        load_experiment(spec.base_path(), overrides)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
     return spec
 
 
@@ -344,88 +345,6 @@ def spec_fingerprint(spec: SweepSpec, overrides: Mapping[str, Any]) -> Dict[str,
 # ---------------------------------------------------------------------------------------------
 # Optuna storage, sampler, pruner, study
 # ---------------------------------------------------------------------------------------------
-
-STORAGE_FORMS = ("sqlite:///optuna.db", "sqlite:////abs/path/optuna.db", "postgresql://USER:PASS@HOST/DB",
-                 "mysql+pymysql://USER:PASS@HOST/DB")
-
-
-def redact(url: str) -> str:
-    """A storage URL with its password hidden (for tags, tables and logs)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url
-
-
-def check_storage_url(url: str | None) -> str:
-    """Syntax, dialect and driver of a storage URL, checked without connecting or importing Optuna
-    (so a typo fails at once, before any model is built)."""
-    from sqlalchemy.engine import make_url
-
-    url = (url or DEFAULT_STORAGE).strip()
-    bad = f"storage {redact(url)!r} is not a usable Optuna database URL; valid forms: {choices(STORAGE_FORMS)}"
-    if "://" not in url:
-        raise UserError(f"{bad} (for a local file write sqlite:///{url})")
-    if url.startswith("sqlite:") and (not url.startswith("sqlite:///") or url == "sqlite:///"):
-        raise UserError(bad)
-    try:
-        make_url(url).get_dialect().import_dbapi()
-    except ImportError as e:
-        raise UserError(f"storage {redact(url)!r} needs a database driver that is not installed ({e}); install "
-                        f"it, name an installed one in the URL (postgresql+psycopg2://, mysql+pymysql://) or use "
-                        f"{DEFAULT_STORAGE}") from None
-    except Exception as e:  # ArgumentError (unparsable), NoSuchModuleError (unknown database)
-        raise UserError(f"{bad} ({str(e).splitlines()[0]})") from None
-    return url
-
-
-def open_storage(url: str | None):
-    """An Optuna RDBStorage for `url`; a malformed or unusable URL is a UserError within seconds."""
-    import optuna
-    from optuna.exceptions import ExperimentalWarning
-
-    url = check_storage_url(url)
-    scheme = url.split("://", 1)[0]
-    engine_kwargs: Dict[str, Any] = {}
-    if scheme == "sqlite":
-        path = url[len("sqlite:///"):]
-        if path != ":memory:":
-            try:
-                Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise UserError(f"storage {url!r}: cannot create the folder of the database file ({e})") from None
-    elif scheme.split("+")[0] in ("postgresql", "mysql"):
-        engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable server fails in seconds
-    try:
-        with warnings.catch_warnings(), sqlite_init_lock(url):
-            warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats are "experimental" in Optuna 5
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs or None,
-                                              heartbeat_interval=HEARTBEAT_S)
-    except ImportError as e:
-        raise UserError(f"storage {redact(url)!r} needs a database driver that is not installed ({e}); "
-                        f"install it (e.g. psycopg2-binary, pymysql) or use {DEFAULT_STORAGE}") from None
-    except Exception as e:  # sqlalchemy ArgumentError / OperationalError / NoSuchModuleError
-        reason = str(e).splitlines()[0]
-        raise UserError(f"storage {redact(url)!r} cannot be opened ({type(e).__name__}: {reason}); valid forms: "
-                        f"{choices(STORAGE_FORMS)}") from None
-
-
-@contextlib.contextmanager
-def sqlite_init_lock(url: str):
-    """Serialise the first opening of a SQLite store across the workers of one machine: a fresh
-    store is created by schema migrations that two processes must not run at once (MLflow's fail
-    with "table _alembic_tmp_... already exists"). Other databases handle this themselves."""
-    if not url.startswith("sqlite:///") or url.endswith(":memory:"):
-        yield
-        return
-    from filelock import FileLock  # a torch dependency; portable where fcntl is not
-
-    path = Path(url[len("sqlite:///"):]).expanduser()
-    with FileLock(str(path) + ".lock", timeout=300):
-        yield
-
 
 def make_sampler(spec: SweepSpec, seed: Optional[int]):
     import optuna
@@ -579,18 +498,9 @@ def plot_pareto(rows: List[Dict[str, Any]], spec: SweepSpec, path: Path, title: 
 
 
 def print_trials(console, rows: List[Dict[str, Any]], spec: SweepSpec, title: str) -> None:
-    from rich.table import Table
+    from ..display import sweep_table
 
-    table = Table(title=title, title_justify="left")
-    columns = [c for c in (rows[0] if rows else {}) if c not in ("run_id", "error")
-               and (c != "note" or any(r["note"] for r in rows))]
-    for c in columns:
-        table.add_column(c, justify="left" if c == "state" else "right")
-    styles = {"COMPLETE": "", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan", "WAITING": "dim"}
-    for r in rows:
-        table.add_row(*(_fmt(r[c]) for c in columns),
-                      style="bold green" if r["pareto"] else styles.get(r["state"], ""))
-    console.print(table)
+    console.print(sweep_table(rows, title, _fmt))
     for r in rows:
         if r["state"] == "FAIL" and r.get("error"):
             console.print(f"[red]trial {r['trial']} failed:[/] {r['error']}", highlight=False)
