@@ -1,0 +1,120 @@
+"""The public Python API (re-exported lazily by `fcdm_lab/__init__.py`): train, load, sample, ablate.
+
+    import fcdm_lab
+    result = fcdm_lab.train("tiny-digits")                        # a run folder, logged to MLflow
+    model = fcdm_lab.load_model(result.out_dir)                   # or a checkpoint, or an MLflow run id
+    images = fcdm_lab.sample(model, class_labels=range(10), sampler="ddim", steps=50)
+
+Each function is a thin door to the library function the CLI command of the same name uses.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .errors import UserError
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # MLflow's run ids
+
+
+def train(experiment: str = "tiny-digits", *, steps: int | None = None, seed: int | None = None,
+          out: str | os.PathLike | None = None, overrides: Mapping[str, Any] | Sequence[str] | None = None,
+          resume: str | None = None, track: bool = True, tracking_uri: str | None = None):
+    """Train an experiment (a name in experiments/ or a .toml path) like `fcdm-lab train`.
+
+    overrides: {"train.lr": 1e-3} or ["train.lr=1e-3"] (`--set`). out: the run folder (default
+    runs/<experiment>). Returns the TrainResult (out_dir, step, checkpoint, final_loss, ...); with
+    track=True the run is logged to MLflow (its id is in `<out_dir>/mlflow_run.json`).
+    """
+    from .config import load_experiment, parse_override
+
+    items = dict(parse_override(o) for o in overrides) if isinstance(overrides, (list, tuple)) else dict(overrides or {})
+    if steps is not None:
+        items["train.steps"] = steps
+    if seed is not None:
+        items["train.seed"] = seed
+    cfg = load_experiment(experiment, items)
+    out_dir = Path(out) if out is not None else Path("runs") / cfg.name
+    if not track:
+        from .train import train as train_fn
+
+        return train_fn(cfg, out_dir, resume=resume)
+    from .tracking import train_tracked
+
+    result, _run_id = train_tracked(cfg, out_dir, uri=tracking_uri, resume=resume)
+    return result
+
+
+def _download_run_model(run_id: str, tracking_uri: str | None) -> Path:
+    """The model of an MLflow run, downloaded: its `pipeline/` artifact, else `weights/ema.safetensors`."""
+    from .tracking import get_client, get_run
+
+    client = get_client(tracking_uri)
+    get_run(run_id, client=client)  # a UserError naming the store when there is no such run
+    dest = Path(tempfile.mkdtemp(prefix=f"fcdm-lab-{run_id[:8]}-"))
+    names = {a.path for a in client.list_artifacts(run_id)}
+    if "pipeline" in names:
+        return Path(client.download_artifacts(run_id, "pipeline", str(dest)))
+    if "weights" in names:
+        return Path(client.download_artifacts(run_id, "weights/ema.safetensors", str(dest)))
+    raise UserError(f"MLflow run {run_id} has no model artifact (pipeline/ or weights/); only training runs do")
+
+
+def load_model(source: str | os.PathLike, *, device: str = "cpu", use_ema: bool = True,
+               tracking_uri: str | None = None):
+    """A trained model in eval mode: `source` is a run folder, a diffusers model/pipeline folder, a
+    checkpoint file (ours or a reference FCDM one), an `ema.safetensors`, or an MLflow run id."""
+    from .models.pretrained import load_pretrained, model_folder
+    from .inference import load_checkpoint
+
+    path = Path(os.fspath(source))
+    if not path.exists():
+        if not RUN_ID.match(str(source)):
+            raise UserError(f"{str(source)!r} is neither a file or folder nor an MLflow run id (32 hex digits)")
+        path = _download_run_model(str(source), tracking_uri)
+    if path.is_dir() and model_folder(path) is not None and (use_ema or not (path / "checkpoints").is_dir()):
+        return load_pretrained(path, device=device)  # the EMA weights in diffusers layout
+    model, _cfg, _info = load_checkpoint(path, use_ema=use_ema, device=device)
+    return model
+
+
+def sample(model: Any, *, num: int | None = None, class_labels: Any = None, sampler: str | None = None,
+           steps: int | str | None = None, cfg_scale: float = 1.0, seed: int = 0, device: str | None = None,
+           objective: str = "ddpm", batch_size: int = 64, vae: Any = None):
+    """Class-conditional samples as a uint8 tensor (N, C, H, W), like `fcdm-lab sample` (same seed,
+    same images). model: a model or anything `load_model` takes. num: default one per class label
+    (or one per class). sampler/steps: ddpm | ddim (250 steps) or, for objective="flow", euler | heun."""
+    import torch
+
+    from .diffusion import create_objective
+    from .inference import generate, load_vae_for
+
+    if not isinstance(model, torch.nn.Module):
+        model = load_model(model, device=device or "cpu")
+    labels = list(class_labels) if class_labels is not None and not isinstance(class_labels, int) else class_labels
+    if num is None:
+        num = len(labels) if isinstance(labels, list) and labels else (1 if isinstance(labels, int)
+                                                                       else int(model.config.num_classes))
+    learn_sigma = bool(getattr(model.config, "learn_sigma", True))
+    obj = create_objective(objective, learn_sigma=learn_sigma) if objective == "ddpm" else create_objective(objective)
+    latent_scale = None
+    if vae is not None:
+        vae, latent_scale = load_vae_for(None, vae, device or "cpu")
+    images, _labels = generate(model, obj, num=num, class_labels=labels, sampler=sampler, steps=steps,
+                               cfg_scale=cfg_scale, seed=seed, device=device, batch_size=batch_size, vae=vae,
+                               latent_scale=latent_scale, progress=False)
+    return images
+
+
+def run_ablation(name: str, **kwargs):
+    """Run (or join, or resume) an ablation study from studies/ like `fcdm-lab ablate NAME`; keyword
+    arguments are the study runner's (seeds, steps, overrides, workers, storage, ...)."""
+    from .studies.ablate import run_ablation as run
+
+    return run(name, **kwargs)
+
+
+__all__ = ["load_model", "run_ablation", "sample", "train"]
