@@ -95,7 +95,7 @@ def run_pipeline(tracker, cfg, out_dir, *, resume: Optional[str] = None, evaluat
     in-memory EMA model. eval_seed defaults to train.seed (paired evaluation noise); eval_metrics
     defaults to cfg.eval.metrics. Call `preflight` first: this function writes the run pointer."""
     from .eval.evaluate import evaluate_model
-    from .tracking import RunPointer, _drop_none, log_run_config, model_params, standard_tags
+    from .tracking import RunPointer, _drop_none, log_run_config, model_params, run_environment, standard_tags
     from .train.trainer import train
 
     tracker.set_tags(standard_tags(cfg, study=study, variant=variant, seed=seed))
@@ -104,7 +104,7 @@ def run_pipeline(tracker, cfg, out_dir, *, resume: Optional[str] = None, evaluat
         RunPointer(tracker.run_id, tracker.tracking_uri).save(out_dir)
     result = train(cfg, out_dir, resume=resume, tracker=tracker, progress=progress, max_steps=max_steps)
     tracker.set_tags(standard_tags(cfg, result.model_info, result.data_info, study=study, variant=variant, seed=seed))
-    tracker.log_params(model_params(result.model_info))
+    tracker.log_params({**model_params(result.model_info), **run_environment()})  # + world_size, device
     tracker.log_dict(_drop_none(dict(result.model_info)), "model_info.json")
     tracker.log_dict(_drop_none(dict(result.data_info)), "data_info.json")
     summary = {"train.wall_time_s": result.wall_time_s, "train.images_per_s": result.images_per_s,

@@ -42,6 +42,11 @@ PARAM_MAX_CHARS = 6000                  # MLflow 3's limit for one param value
 VERSION_PACKAGES = ("torch", "diffusers", "accelerate", "mlflow", "optuna", "torch-fidelity", "fcdm-lab")
 MODEL_PARAM_KEYS = ("model.params", "model.gmacs", "model.match_knob", "model.match_value", "model.match_target")
 STATUS_FINISHED, STATUS_FAILED, STATUS_KILLED, STATUS_RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
+# MLflow 3 opens an experiment in its GenAI view (empty traces) unless the browser's sidebar toggle says
+# "Model training" (kept in localStorage; mlflow/mlflow issue 24498). The levers: this experiment tag
+# and the `workflowType` query parameter on every link we print.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+UI_WORKFLOW_QUERY = "workflowType=machine_learning"
 
 # After the probe, a server that goes away mid-run should fail a logging call in seconds, not hang
 # for minutes (MLflow's defaults: 7 retries with exponential backoff, 120 s per request).
@@ -148,9 +153,11 @@ def experiment_id(client, name: str = DEFAULT_EXPERIMENT) -> str:
         if exp.lifecycle_stage == "deleted":
             raise UserError(f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore`) "
                             f"or use another experiment name")
+        if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made by an older version or by hand
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # created meanwhile by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -415,6 +422,7 @@ def standard_tags(cfg, model_info: Mapping[str, Any] | None = None, data_info: M
         "variant": variant,
         "seed": seed,
         "git_commit": commit,
+        "mlflow.source.git.commit": commit,  # shown by the MLflow UI as the run's source version
         "git_dirty": None if dirty is None else str(dirty).lower(),
         "data": (data_info or {}).get("name", cfg.data.name),
         "data_fingerprint": (data_info or {}).get("fingerprint"),
@@ -445,6 +453,20 @@ def config_from_toml(text: str):
     from .config import config_from_dict
 
     return config_from_dict(tomllib.loads(text))
+
+
+def run_environment() -> Dict[str, Any]:
+    """Params of where a job ran: world size (processes) and device, from accelerate's state (set up
+    by the trainer; in a process without one, this single process)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    out: Dict[str, Any] = {"world_size": state.num_processes, "device": state.device.type}
+    if state.device.type == "cuda":
+        import torch
+
+        out["device_name"] = torch.cuda.get_device_name(state.device)
+    return out
 
 
 def model_params(model_info: Mapping[str, Any]) -> Dict[str, Any]:
@@ -569,7 +591,9 @@ def launch_ui(uri: str | None = None, host: str = "127.0.0.1", port: int = 5000)
     cmd = ui_command(uri, host, port)
     store = cmd[cmd.index("--backend-store-uri") + 1]
     probe_tracking_uri(store)
-    print(f"MLflow UI for {store} at http://{host}:{port} (Ctrl+C to stop)", flush=True)
+    exp = _client(store).get_experiment_by_name(DEFAULT_EXPERIMENT)
+    link = ui_link(f"http://{host}:{port}", exp.experiment_id if exp is not None else None)
+    print(f"MLflow UI for {store}: open {link} (Ctrl+C to stop)", flush=True)
     proc = subprocess.Popen(cmd)
 
     def stop(signum, frame):  # SIGTERM to us: stop the server too instead of orphaning it
@@ -589,15 +613,25 @@ def launch_ui(uri: str | None = None, host: str = "127.0.0.1", port: int = 5000)
         signal.signal(signal.SIGTERM, previous)
 
 
+def ui_link(base_url: str, experiment_id: str | None = None) -> str:
+    """A link to an experiment's runs table (or the UI's home) in MLflow's model-training view."""
+    path = f"#/experiments/{experiment_id}/runs" if experiment_id is not None else "#/"
+    return f"{base_url.rstrip('/')}/{path}?{UI_WORKFLOW_QUERY}"
+
+
 def browse_hint(run_id: str | None, uri: str | None = None, *, report: bool = False) -> str:
-    """One closing line: how to look at a run."""
+    """One closing line: how to look at a run (a link to its experiment's runs table)."""
     uri = resolve_tracking_uri(uri)
+    try:
+        exp_id = _client(uri).get_run(run_id).info.experiment_id if run_id else None
+    except Exception:  # a hint must not fail the command that has just finished
+        exp_id = None
     if urlsplit(uri).scheme in ("http", "https"):
-        where = f"open {uri}"
+        where = f"open {ui_link(uri, exp_id)}"
     elif uri == default_tracking_uri() and not os.environ.get("MLFLOW_TRACKING_URI"):
-        where = "run `fcdm-lab ui`"
+        where = f"run `fcdm-lab ui`, open {ui_link('http://127.0.0.1:5000', exp_id)}"
     else:
-        where = f"run `MLFLOW_TRACKING_URI={uri} fcdm-lab ui`"
+        where = f"run `MLFLOW_TRACKING_URI={uri} fcdm-lab ui`, open {ui_link('http://127.0.0.1:5000', exp_id)}"
     text = f"Browse: {where} (run {run_id})"
     if report:
         text += f"; rebuild the report: `fcdm-lab report {run_id}`"
@@ -609,5 +643,5 @@ __all__ = [
     "config_from_toml", "config_to_toml", "default_tracking_uri", "experiment_id", "get_client", "get_run",
     "git_state", "is_main_process", "launch_ui", "log_run_config", "model_params", "package_versions",
     "probe_tracking_uri", "resolve_tracking_uri", "standard_tags", "tracked_run", "train_in_run", "train_tracked",
-    "ui_command",
+    "run_environment", "ui_command", "ui_link",
 ]
