@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import keyword
 import tomllib
 import types
 import typing
@@ -121,68 +122,115 @@ class ExperimentConfig:
 # Strict conversion from plain dicts
 # ---------------------------------------------------------------------------------------------
 
+# One coercion policy for every file and override: experiments, studies, sweeps and block options.
+#   int   <- an integer, or a float with a whole value (1e3 -> 1000, 64.0 -> 64); 64.5 is an error
+#   float <- a float or an integer (3 -> 3.0)
+#   bool  <- true / false only (not 0 / 1, not "true")
+#   str   <- a string only: strings never become numbers or booleans ("1e-3", "5" are errors)
+#   list, list[T], dict <- a TOML array / table (items by the same rules); Optional[T] <- T or unset
+# Anything else is a one-line UserError naming the key, the value and the type wanted.
+TYPE_NAMES = {int: "int (a whole number)", float: "float (a number)", bool: "bool (true or false)",
+              str: "str (a quoted string)", list: "a list", dict: "a table"}
+
+
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+    return TYPE_NAMES.get(typing.get_origin(tp) or tp, getattr(tp, "__name__", str(tp)).replace("typing.", ""))
 
 
-def _check_value(key: str, value: Any, tp: Any) -> Any:
+def check_value(key: str, value: Any, tp: Any) -> Any:
+    """`value` converted to the type `tp` under the policy above, or a UserError naming `key`."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
             return None
-        errors = []
         for arg in args:
-            if arg is type(None):
-                continue
             try:
-                return _check_value(key, value, arg)
-            except UserError as e:
-                errors.append(e)
-        raise errors[0]
-    if origin in (list, List):
-        (item_tp,) = typing.get_args(tp) or (Any,)
+                return check_value(key, value, arg)
+            except UserError:
+                pass
+        raise UserError(f"{key} must be {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if tp in (list, List) or origin in (list, List):
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{key} must be a list, got {value!r}")
-        return [_check_value(f"{key}[]", v, item_tp) for v in value]
-    if origin in (dict, Dict):
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [check_value(f"{key}[]", v, item_tp) for v in value]
+    if tp in (dict, Dict) or origin in (dict, Dict):
         if not isinstance(value, dict):
-            raise UserError(f"{key} must be a table like {{family = \"convnext\"}}, got {value!r}")
+            raise UserError(f"{key} must be a table, got {value!r}")
         return dict(value)
     if tp is Any:
         return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, bool) != (tp is bool):  # bools are ints in Python, never in a config
+        raise UserError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    if tp is float and isinstance(value, int):
         return float(value)
-    if tp is int and isinstance(value, float) and value.is_integer() and key.endswith("steps"):
+    if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)
-    if not isinstance(value, tp) or (tp in (int, float) and isinstance(value, bool)):
+    if not isinstance(value, tp):
         raise UserError(f"{key} must be {_type_name(tp)}, got {value!r}")
     return value
 
 
-def _from_dict(cls: type, data: Dict[str, Any], prefix: str = "") -> Any:
+def from_dict(cls: type, data: Dict[str, Any], where: str = "", prefix: str = "") -> Any:
+    """Build the dataclass `cls` from a plain dict (a TOML table): an unknown key, a missing
+    required key (a field without a default) or a wrong type is a one-line UserError; dataclass-typed
+    fields are read from sub-tables. `where` (e.g. "study 'x' (path)") prefixes every message;
+    `prefix` is the dotted path of `data` ("train.")."""
+    loc = f"{where}: " if where else ""
+    if not isinstance(data, dict):
+        raise UserError(f"{loc}{prefix.rstrip('.') or 'the file'} must be a table, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    fields = {f.metadata.get("key", f.name): f for f in dataclasses.fields(cls)}  # "key": a keyword such as `is`
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        where = f"[{prefix.rstrip('.')}]" if prefix else "the experiment"
-        raise UserError(f"unknown key '{prefix}{unknown[0]}' in {where}; valid: {choices(names)}")
+        section = f" in [{prefix.rstrip('.')}]" if prefix else ""
+        raise UserError(f"{loc}unknown key '{prefix}{unknown[0]}'{section}; valid: {choices(fields)}")
     kwargs = {}
-    for name in names:
-        if name not in data:
+    for key, f in fields.items():
+        if key not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                help_ = f.metadata.get("help")
+                raise UserError(f"{loc}missing key '{prefix}{key}'" + (f" ({help_})" if help_ else ""))
             continue
-        tp = hints[name]
+        tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            if not isinstance(data[name], dict):
-                raise UserError(f"{prefix}{name} must be a table/section, got {data[name]!r}")
-            kwargs[name] = _from_dict(tp, data[name], f"{prefix}{name}.")
+            kwargs[f.name] = from_dict(tp, data[key], where, f"{prefix}{key}.")
         else:
-            kwargs[name] = _check_value(f"{prefix}{name}", data[name], tp)
+            try:
+                kwargs[f.name] = check_value(f"{prefix}{key}", data[key], tp)
+            except UserError as e:
+                raise UserError(f"{loc}{e}") from None
     return cls(**kwargs)
 
 
+def table_class(name: str, keys: Dict[str, tuple]) -> type:
+    """A dataclass for a table declared as {key: (type, required, help)} (study and sweep files):
+    optional keys default to None, so `from_dict` applies the same policy as to experiments."""
+    spec = []
+    for k, (typ, required, help_) in sorted(keys.items(), key=lambda kv: not kv[1][1]):  # required first
+        meta = {"help": help_, "key": k}
+        spec.append((f"{k}_" if keyword.iskeyword(k) else k, typ if required else Optional[typ],
+                     field(metadata=meta) if required else field(default=None, metadata=meta)))
+    return dataclasses.make_dataclass(name, spec)
+
+
+def _check_block(model: "ModelConfig", where: str) -> Dict[str, Any]:
+    """An FCDM block spec checked against its family's declared options (and coerced by the same
+    policy) when the config loads, so a typo fails before anything trains. Only the keys given are
+    kept: defaults stay implicit."""
+    from .models import model_family
+    from .models.blocks import resolve_block_spec
+
+    if model_family(model.name) != "fcdm":
+        return model.block  # build_model refuses block options for DiT / DiCo with its own message
+    resolved = resolve_block_spec(model.block, where=where)
+    return {k: resolved[k] for k in model.block}
+
+
 def config_from_dict(data: Dict[str, Any]) -> ExperimentConfig:
-    cfg = _from_dict(ExperimentConfig, data)
+    cfg = from_dict(ExperimentConfig, data)
+    cfg.model.block = _check_block(cfg.model, "model.block")
     validate(cfg)
     return cfg
 

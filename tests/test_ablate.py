@@ -172,7 +172,7 @@ def test_unknown_and_malformed_studies(tmp_path):
                                   "paper-ablation"}
     cases = {
         "bogus = 1\n": "unknown key 'bogus'",
-        'seeds = "two"\n': "'seeds' must be an integer",
+        'seeds = "two"\n': "seeds must be int",  # one coercion policy (config.check_value)
         'baseline = "nope"\n': "baseline 'nope' is not a variant",
         'metrics = ["fid"]\n': "unknown metric 'fid'",
     }

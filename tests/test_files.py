@@ -3,6 +3,7 @@ meta device: no memory, no init), with compute matching solved where a study ask
 import functools
 import json
 import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +162,72 @@ def test_paper_ablation_at_fcdm_l_matches_the_papers_flops():
 
     for row in profile_study("paper-ablation", "FCDM-L"):
         assert abs(row["gmacs"] - row["paper_gmacs"]) / row["paper_gmacs"] < 0.005, row["variant"]
+
+
+# One coercion policy for experiments, --set overrides, block options, studies and sweeps:
+# ints take whole floats, floats take ints, nothing else converts (strings never become numbers).
+@pytest.mark.parametrize("key, value, expected", [
+    ("train.steps", 1000.0, 1000), ("train.batch_size", 64.0, 64), ("train.batch_size", 1e2, 100),
+    ("train.lr", 1, 1.0), ("model.block", {"kernel": 5.0}, {"kernel": 5}),
+    ("model.block", {"family": "resnet", "ratio": 2}, {"family": "resnet", "ratio": 2.0}),
+])
+def test_coercion_policy_accepts(key, value, expected):
+    cfg = load_experiment("tiny-digits", {key: value})
+    section, name = key.split(".")
+    got = getattr(getattr(cfg, section), name)
+    assert got == expected and type(got) is type(expected)
+    if isinstance(expected, dict):
+        assert all(type(got[k]) is type(v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.batch_size", 64.5, "train.batch_size must be int (a whole number), got 64.5"),
+    ("train.lr", "1e-3", "train.lr must be float (a number), got '1e-3'"),
+    ("train.steps", True, "train.steps must be int (a whole number), got True"),
+    ("train.ema_warmup", 1, "train.ema_warmup must be bool (true or false), got 1"),
+    ("data.name", 3, "data.name must be str (a quoted string), got 3"),
+    ("eval.metrics", ["fid_digits", 2], "eval.metrics[] must be str (a quoted string), got 2"),
+    ("model.block", {"kernel": "5"}, "model.block.kernel must be int (a whole number), got '5'"),
+    ("model.block", {"ffn": "true"}, "model.block.ffn must be bool (true or false), got 'true'"),
+    ("model.block", {"mixer": "ssee"}, "model.block.mixer: unknown channel mixer 'ssee'; valid: "),
+    ("model.block", {"kernal": 5}, "model.block: unknown option 'kernal' for block family 'convnext'; valid: "),
+])
+def test_coercion_policy_refuses_with_one_line(key, value, message):
+    with pytest.raises(UserError) as e:
+        load_experiment("tiny-digits", {key: value})
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_study_and_sweep_files_use_the_same_policy(tmp_path):
+    from fcdm_lab.studies.sweep import load_sweep
+
+    study = tmp_path / "s.toml"
+    study.write_text('base = "tiny-digits"\nseeds = 2.0\nsteps = 1e2\n[[variants]]\nname = "a"\n'
+                     '[[variants]]\nname = "b"\nset = { "model.block" = { family = "convnext", kernel = 5.0 } }\n')
+    spec = load_study(study)
+    assert (spec.seeds, spec.steps) == (2, 100) and type(spec.seeds) is int
+    study.write_text(study.read_text().replace("seeds = 2.0", 'seeds = "2"'))
+    with pytest.raises(UserError, match=r"s.toml\): seeds must be int \(a whole number\), got '2'$"):
+        load_study(study)
+    sweep = (STUDIES_DIR / "scaling-lc.toml").read_text()
+    assert "\ntrials = 10\n" in sweep
+    (tmp_path / "w.toml").write_text(sweep.replace("\ntrials = 10\n", "\ntrials = 2.5\n"))
+    with pytest.raises(UserError, match=r"trials must be int \(a whole number\), got 2.5"):
+        load_sweep(tmp_path / "w.toml")
+
+
+def test_bad_block_option_in_a_variant_fails_when_the_study_loads(tmp_path, capsys):
+    """A typo in the last variant's block spec stops `load_study` (and `fcdm-lab ablate`) before the
+    first variant trains: one line, exit 2, no run folder, no MLflow run."""
+    from fcdm_lab.cli import main
+
+    study = tmp_path / "typo.toml"
+    study.write_text('base = "tiny-digits"\nsteps = 2\n[[variants]]\nname = "grn"\n'
+                     '[[variants]]\nname = "se"\nset = { "model.block" = { family = "convnext", mixer = "ssee" } }\n')
+    with pytest.raises(UserError, match=r"variant 'se': model.block.mixer: unknown channel mixer 'ssee'; valid: grn"):
+        load_study(study)
+    with pytest.raises(SystemExit) as exc:
+        main(["ablate", str(study)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "unknown channel mixer 'ssee'" in err and len(err.strip().splitlines()) == 1
+    assert not Path("runs").exists() and not Path("mlruns").exists()

@@ -228,7 +228,7 @@ def test_bad_storage_url_is_a_user_error_within_seconds(tmp_path, url):
     ({"kind": None}, "missing key 'kind'"),
     ({"kind": '"ablation"'}, "kind = 'ablation'"),
     ({"trails": "3"}, "unknown key 'trails'"),
-    ({"trials": '"3"'}, "'trials' must be an integer"),
+    ({"trials": '"3"'}, "trials must be int"),
     ({"sampler": '"cmaes"'}, "sampler = 'cmaes' is not valid; choose one of: nsga2, tpe, random, grid"),
     ({"objectives": '[ { metric = "fid" } ]'}, "unknown metric 'fid'"),
     ({"budget": "{ steps = 4, compute = 1.0 }"}, "exactly one of steps"),

@@ -13,6 +13,8 @@ checkpoints load unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Any, Dict
 
@@ -244,42 +246,42 @@ class ResNetBlock(AdaLNBlock):
 DEFAULT_BLOCK: Dict[str, Any] = {"family": "convnext"}
 
 
-def _coerce(key: str, value: Any, typ: type) -> Any:
-    """Strict typing for block options: ints are accepted where floats are expected, nothing else."""
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if typ is bool and isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    if typ in (int, float) and isinstance(value, str):
-        try:
-            return typ(value)
-        except ValueError:
-            pass
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise UserError(f"block option {key!r} must be {typ.__name__}, got {value!r}")
-    return value
+@functools.lru_cache(maxsize=None)
+def options_class(block_cls: type) -> type:
+    """A block family's declared OPTIONS as a dataclass, so a block spec loads through the same
+    typed validation (config.from_dict) as experiment files."""
+    fields = [("family", str, dataclasses.field(default=None))]
+    fields += [(k, typ, dataclasses.field(default=default, metadata={"help": help_}))
+               for k, (typ, default, help_) in block_cls.OPTIONS.items()]
+    return dataclasses.make_dataclass(f"{block_cls.__name__}Options", fields)
 
 
-def resolve_block_spec(spec: Dict[str, Any] | None) -> Dict[str, Any]:
-    """Validate a block spec and fill in the family's defaults. Raises UserError on bad input."""
+def resolve_block_spec(spec: Dict[str, Any] | None, where: str = "block") -> Dict[str, Any]:
+    """Validate a block spec against its family's declared options and fill in the defaults.
+    `where` names the spec in messages ("model.block"). Raises a one-line UserError on bad input."""
+    from ..config import check_value, from_dict
+
     spec = dict(DEFAULT_BLOCK if spec is None else spec)
-    family = spec.pop("family", "convnext")
-    cls = BLOCKS.get(family)
-    unknown = sorted(set(spec) - set(cls.OPTIONS))
+    family = check_value(f"{where}.family", spec.setdefault("family", "convnext"), str)
+    try:
+        cls = BLOCKS.get(family)
+    except UserError as e:
+        raise UserError(f"{where}.family: {e}") from None
+    unknown = sorted(set(spec) - {"family", *cls.OPTIONS})
     if unknown:
-        raise UserError(
-            f"unknown option {unknown[0]!r} for block family {family!r}; valid: {choices(['family', *cls.OPTIONS])}"
-        )
-    resolved: Dict[str, Any] = {"family": family}
-    for key, (typ, default, _) in cls.OPTIONS.items():
-        resolved[key] = _coerce(key, spec.get(key, default), typ)
+        raise UserError(f"{where}: unknown option {unknown[0]!r} for block family {family!r}; "
+                        f"valid: {choices(['family', *cls.OPTIONS])}")
+    resolved = dataclasses.asdict(from_dict(options_class(cls), spec, prefix=f"{where}."))
     if "kernel" in resolved and (resolved["kernel"] < 1 or resolved["kernel"] % 2 == 0):
-        raise UserError(f"kernel must be an odd positive integer, got {resolved['kernel']}")
-    if "mixer" in resolved:
-        MIXERS.get(resolved["mixer"])  # raises with the valid mixers
+        raise UserError(f"{where}.kernel must be an odd positive integer, got {resolved['kernel']}")
+    if "mixer" in resolved:  # an option named `mixer` names a registered channel mixer
+        try:
+            MIXERS.get(resolved["mixer"])
+        except UserError as e:
+            raise UserError(f"{where}.mixer: {e}") from None
     for key in ("ratio", "ffn_ratio"):
         if key in resolved and not (resolved[key] > 0 and math.isfinite(resolved[key])):
-            raise UserError(f"{key} must be a positive number, got {resolved[key]}")
+            raise UserError(f"{where}.{key} must be a positive number, got {resolved[key]}")
     return resolved
 
 

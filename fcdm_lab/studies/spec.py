@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from ..bundled import STUDIES_DIR
-from ..config import (ExperimentConfig, apply_overrides, config_from_dict, experiment_data, parse_override,
-                      read_toml, resolve_experiment_path, resolve_named_file)
+from ..config import (ExperimentConfig, apply_overrides, check_value, config_from_dict, experiment_data, from_dict,
+                      parse_override, read_toml, resolve_experiment_path, resolve_named_file, table_class)
 from ..errors import UserError, choices
 
 HIGHER_IS_BETTER = ("acc", "is_", "precision", "recall")
@@ -148,24 +148,19 @@ def resolve_study_path(name_or_path: str | Path) -> Path:
 
 
 def typed_value(where: str, key: str, value: Any, typ: type) -> Any:
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, typ) or (typ in (int, float) and isinstance(value, bool)):
-        names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-                 list: "a list", dict: "a table"}
-        raise UserError(f"{where}: {key!r} must be {names[typ]}, got {value!r}")
-    return value
+    """`value` as `typ` under config.py's one coercion policy (config.check_value)."""
+    try:
+        return check_value(key, value, typ)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def strict_table(where: str, data: Mapping[str, Any], keys: Dict[str, tuple]) -> Dict[str, Any]:
-    """Check a TOML table: keys = {name: (type, required, help)}; unknown, missing or mistyped -> UserError."""
-    unknown = sorted(set(data) - set(keys))
-    if unknown:
-        raise UserError(f"{where}: unknown key {unknown[0]!r}; valid keys: {choices(keys)}")
-    missing = [k for k, (_, required, _) in keys.items() if required and k not in data]
-    if missing:
-        raise UserError(f"{where}: missing key {missing[0]!r} ({keys[missing[0]][2]})")
-    return {k: typed_value(where, k, v, keys[k][0]) for k, v in data.items()}
+    """Check a TOML table declared as keys = {name: (type, required, help)} through the typed
+    dataclass validation of config.py (unknown, missing or mistyped key -> one-line UserError).
+    Returns the keys given, converted."""
+    table = from_dict(table_class("Table", keys), dict(data), where)
+    return {f.metadata["key"]: getattr(table, f.name) for f in dataclasses.fields(table) if f.metadata["key"] in data}
 
 
 def flatten_overrides(data: Mapping[str, Any], where: str) -> Dict[str, Any]:
@@ -250,6 +245,12 @@ def load_study(name_or_path: str | Path) -> StudySpec:
     from ..eval.evaluate import check_metric_names
 
     check_metric_names(spec.metrics)
+    base = experiment_data(_base_path(spec))
+    for v in variants:  # every variant's config, block spec included, is checked before anything trains
+        try:
+            config_from_dict(apply_overrides(apply_overrides(base, spec.set), v.set))
+        except UserError as e:
+            raise UserError(f"{where}, variant {v.name!r}: {e}") from None
     return spec
 
 
