@@ -30,7 +30,8 @@ def main() -> None:
 
     from fcdm_lab.config import load_experiment
     from fcdm_lab.eval import class_consistency, get_digits_classifier
-    from fcdm_lab.train import generate, load_checkpoint, objective_for, train
+    from fcdm_lab.inference import generate, load_checkpoint, objective_for
+    from fcdm_lab.train import train
 
     overrides = list(args.overrides) + ([f"train.threads={args.threads}"] if args.threads else [])
     cfg = load_experiment(args.experiment, overrides)

@@ -156,7 +156,7 @@ def sample(
     out: Path = typer.Option(Path("samples"), "--out"),
 ):
     """Write PNGs, a grid and an ADM-format .npz of samples from a checkpoint."""
-    from .train.sampling import sample_checkpoint
+    from .inference import sample_checkpoint
 
     res = sample_checkpoint(checkpoint, out, num=num, steps=steps, sampler=sampler, eta=eta, cfg_scale=cfg_scale, vae=vae,
                             class_labels=class_labels, use_ema=ema, guidance_channels=guidance_channels,

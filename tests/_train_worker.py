@@ -16,7 +16,8 @@ import sys
 import torch
 
 from fcdm_lab.config import config_from_dict
-from fcdm_lab.train import sample_checkpoint, train
+from fcdm_lab.inference import sample_checkpoint
+from fcdm_lab.train import train
 
 
 class KillAt:

@@ -12,8 +12,9 @@ from fcdm_lab.diffusion import create_objective
 from fcdm_lab.errors import UserError
 from fcdm_lab.models import FCDM, create_model
 from fcdm_lab.models.pretrained import load_pretrained
-from fcdm_lab.train import generate, load_checkpoint, train
-from fcdm_lab.train.rng import derive_seed
+from fcdm_lab.inference import generate, load_checkpoint
+from fcdm_lab.rng import derive_seed
+from fcdm_lab.train import train
 
 
 def tiny_cfg():

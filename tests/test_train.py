@@ -105,7 +105,7 @@ def test_two_process_accelerate_run(tmp_path):
     assert ckpt["data_pos"] == 4 * 8 and np.isfinite(ckpt["loss"])
     assert (tmp_path / "run" / "ema.safetensors").is_file()
     # sampling shared by the two processes (batches 0, 2 and 1, 3) gives what one process gives
-    from fcdm_lab.train import sample_checkpoint
+    from fcdm_lab.inference import sample_checkpoint
 
     sample_checkpoint(tmp_path / "run", tmp_path / "samples-1p", progress=False, **sample)
     two, one = np.load(tmp_path / "samples-2p" / "samples.npz"), np.load(tmp_path / "samples-1p" / "samples.npz")

@@ -1,4 +1,6 @@
-"""Sample sets on disk: a folder of PNGs or an ADM-style `.npz` (key `arr_0`, NHWC uint8).
+"""Sample sets on disk: a folder of PNGs or an ADM-style `.npz` (NHWC uint8 under the key `arr_0`, as
+ADM's evaluator and numpy's default name it, or `arr`, as the reference implementation's sampler
+writes it; both are read).
 
 Evaluation reads samples back from disk so metrics can be recomputed after a crash or with another
 feature extractor, without sampling again. In memory a sample set is a uint8 tensor (N, C, H, W)
@@ -16,13 +18,15 @@ from fcdm_lab.errors import UserError, choices
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CHANNELS = (1, 3)
+NPZ_KEYS = ("arr_0", "arr")  # ADM / numpy's default name; the reference implementation's sample files
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Float images in [-1, 1] -> uint8 in [0, 255], same shape (values outside are clamped).
 
-    Rounds to the nearest level (ADM/DiT truncate instead): with rounding, uint8 -> [-1, 1] -> uint8
-    is the identity, so a saved sample set reloads bit-exactly.
+    Rounds to the nearest level, as ADM and DiT do too (they compute floor(127.5 x + 128), i.e. round
+    half up; here ties round to even, which differs only at exact .5 levels): with rounding,
+    uint8 -> [-1, 1] -> uint8 is the identity, so a saved sample set reloads bit-exactly.
     """
     if not torch.is_tensor(x) or not x.is_floating_point():
         raise UserError(f"to_uint8 expects a float tensor in [-1, 1], got {type(x).__name__} "
@@ -49,14 +53,17 @@ def check_images_uint8(images, what: str = "images") -> torch.Tensor:
     return images
 
 
-def save_npz(path: str | os.PathLike, images: torch.Tensor) -> Path:
-    """Write uint8 (N, C, H, W) images as an ADM-style `.npz` (`arr_0`, NHWC uint8); returns the path."""
+def save_npz(path: str | os.PathLike, images: torch.Tensor, key: str = "arr_0") -> Path:
+    """Write uint8 (N, C, H, W) images as an ADM-style `.npz` (NHWC uint8 under `key`: "arr_0", or
+    "arr" as the reference implementation writes for the ADM protocol); returns the path."""
+    if key not in NPZ_KEYS:
+        raise UserError(f"npz key {key!r} is not one of {choices(NPZ_KEYS)}")
     images = check_images_uint8(images)
     path = Path(path)
     if path.suffix != ".npz":
         raise UserError(f"sample file {str(path)!r} must end in .npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, arr_0=images.permute(0, 2, 3, 1).contiguous().cpu().numpy())
+    np.savez(path, **{key: images.permute(0, 2, 3, 1).contiguous().cpu().numpy()})
     return path
 
 
@@ -77,21 +84,22 @@ def save_png_folder(folder: str | os.PathLike, images: torch.Tensor) -> Path:
 def _load_npz(path: Path) -> torch.Tensor:
     try:
         with np.load(path) as data:
-            if "arr_0" not in data.files:
-                raise UserError(f"sample file {str(path)!r} has no 'arr_0' array (ADM format: arr_0 = "
-                                f"NHWC uint8 images); its arrays: {choices(data.files) or 'none'}")
-            arr = data["arr_0"]
+            key = next((k for k in NPZ_KEYS if k in data.files), None)
+            if key is None:
+                raise UserError(f"sample file {str(path)!r} has no 'arr_0' or 'arr' array (NHWC uint8 images, "
+                                f"as ADM and the reference write them); its arrays: {choices(data.files) or 'none'}")
+            arr = data[key]
     except UserError:
         raise
     except Exception as e:  # a truncated or foreign file: say which one, not a zipfile traceback
         raise UserError(f"cannot read sample file {str(path)!r} as .npz: {e}") from None
     if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
-        raise UserError(f"sample file {str(path)!r}: arr_0 must be uint8 NHWC (or NHW for grayscale); "
+        raise UserError(f"sample file {str(path)!r}: {key} must be uint8 NHWC (or NHW for grayscale); "
                         f"got {arr.dtype} with shape {arr.shape}")
     if arr.ndim == 3:
         arr = arr[..., None]
     return check_images_uint8(torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2))),
-                              f"arr_0 of {str(path)!r}")
+                              f"{key} of {str(path)!r}")
 
 
 def _load_folder(path: Path) -> torch.Tensor:
@@ -123,7 +131,7 @@ def _load_folder(path: Path) -> torch.Tensor:
 
 def load_samples(path: str | os.PathLike) -> torch.Tensor:
     """A sample set from disk as uint8 (N, C, H, W): a folder of images (sorted by file name;
-    grayscale stays 1 channel) or an ADM `.npz` (`arr_0`, NHWC uint8)."""
+    grayscale stays 1 channel) or an ADM `.npz` (`arr_0` or `arr`, NHWC uint8)."""
     path = Path(path)
     if path.is_dir():
         return _load_folder(path)

@@ -1,10 +1,10 @@
-"""Training (accelerate; exact resume; paired seeds) and sampling from checkpoints."""
+"""Training (accelerate; exact resume; paired seeds) and its checkpoints. Sampling from checkpoints
+lives in fcdm_lab.inference."""
 from .checkpoint import find_latest_checkpoint, list_checkpoints, read_checkpoint
-from .sampling import generate, load_checkpoint, objective_for, sample_checkpoint
 from .trainer import TrainingDiverged, TrainResult, train
 
-__all__ = ["TrainResult", "TrainingDiverged", "find_latest_checkpoint", "generate", "list_checkpoints",
-           "load_checkpoint", "objective_for", "read_checkpoint", "sample_checkpoint", "train"]
+__all__ = ["TrainResult", "TrainingDiverged", "find_latest_checkpoint", "list_checkpoints", "read_checkpoint",
+           "train"]
 
 
 class _TrainPackage(__import__("types").ModuleType):

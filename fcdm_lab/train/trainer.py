@@ -36,8 +36,8 @@ from ..errors import UserError, choices
 from ..models.build import build_model
 from . import checkpoint as ckpt_io
 from .preflight import check_model_memory, check_output_dir, run_folder_lock
-from .rng import all_gather, derive_seed, rng_state, seed_streams, set_rng_state
-from .sampling import generate, grid_labels, load_vae_for, save_grid
+from ..inference import generate, grid_labels, load_vae_for, save_grid
+from ..rng import all_gather, derive_seed, rng_state, seed_streams, set_rng_state
 from ..signals import StopRequest, ignore_in_worker, stop_on_signals
 
 

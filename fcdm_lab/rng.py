@@ -1,4 +1,5 @@
-"""Random streams: derived seeds, and every generator's state in a form checkpoints can hold."""
+"""Random streams shared by training and inference: derived seeds, every generator's state in a form
+checkpoints can hold, and gathering objects across processes."""
 from __future__ import annotations
 
 import random
