@@ -1,0 +1,147 @@
+"""The study engine with real worker processes: a 2x2 ablation by 2 workers trains each child once
+under one parent; a SIGKILLed worker's child is retried and the study completes with nothing left
+RUNNING; two `ablate` commands of one study at once train no child twice."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from fcdm_lab.studies import run_ablation
+from fcdm_lab.tracking import get_client
+
+TINY = {"model.C": 8, "model.L": 1, "train.batch_size": 16, "train.log_every": 2, "train.sample_every": 0,
+        "eval.num_samples": 20, "eval.steps": 4, "eval.batch_size": 20}
+
+STUDY = """
+description = "tiny GRN vs CCA"
+base = "tiny-digits"
+seeds = 2
+steps = %d
+metrics = ["fid_digits", "class_acc_digits"]
+compute_matched = false
+baseline = "grn"
+set = { %s }
+
+[[variants]]
+name = "grn"
+set = { "model.block" = { family = "convnext", mixer = "grn" } }
+
+[[variants]]
+name = "cca"
+set = { "model.block" = { family = "convnext", mixer = "cca" } }
+"""
+
+
+def write_study(tmp_path, steps=4, **extra):
+    items = {**TINY, **extra}
+    path = tmp_path / "tiny2x2.toml"
+    path.write_text(STUDY % (steps, ", ".join(f'"{k}" = {v}' for k, v in items.items())))
+    return path
+
+
+@pytest.fixture(scope="session")
+def _template_db(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    get_client(f"sqlite:///{path}").search_experiments()  # MLflow's migrations, once (~6 s)
+    return path
+
+
+@pytest.fixture
+def store(_template_db, tmp_path):
+    shutil.copy(_template_db, tmp_path / "mlflow.db")
+    return get_client()
+
+
+def the_study():
+    (summary,) = optuna.get_all_study_summaries("sqlite:///optuna.db")
+    return optuna.load_study(study_name=summary.study_name, storage="sqlite:///optuna.db")
+
+
+def children_of(store, parent_id):
+    return store.search_runs(["1"], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def assert_each_child_once(store, parent_id, resumed_run=None):
+    study = the_study()
+    complete = [(t.user_attrs["variant"], t.user_attrs["seed"]) for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    assert sorted(complete) == sorted((v, s) for v in ("grn", "cca") for s in (0, 1))  # each once
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    runs = children_of(store, parent_id)
+    assert sorted((r.data.tags["variant"], r.data.tags["seed"]) for r in runs) == sorted(
+        (v, str(s)) for v in ("grn", "cca") for s in (0, 1))
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert store.get_run(parent_id).info.status == "FINISHED"
+    # one training per child: the train summary was logged once per run (twice for a resumed one)
+    assert all(len(store.get_metric_history(r.info.run_id, "train.wall_time_s")) == 1 for r in runs
+               if r.info.run_id != resumed_run)
+    return study, runs
+
+
+def test_two_workers_train_each_child_once_under_one_parent(store, tmp_path):
+    result = run_ablation(str(write_study(tmp_path)), workers=2, progress=False)
+    study, runs = assert_each_child_once(store, result.parent_run_id)
+    assert len({t.user_attrs["worker_pid"] for t in study.trials}) <= 2 and os.getpid() not in {
+        t.user_attrs["worker_pid"] for t in study.trials}  # ran in the worker processes
+    assert result.trained_here == 4 and (result.out_dir / "report" / "report.md").is_file()
+    rows = {r.variant: r for r in result.report.rows}
+    assert rows["cca"].verdicts["fid_digits"].diff.n == 2
+    assert rows["cca"].verdicts["fid_digits"].verdict in ("better", "worse", "inconclusive")
+    assert "verdict.cca.fid_digits" in store.get_run(result.parent_run_id).data.tags
+    # the same command again joins the finished study: nothing is trained, the report is rebuilt
+    again = run_ablation(str(write_study(tmp_path)), workers=2, progress=False)
+    assert again.parent_run_id == result.parent_run_id and again.trained_here == 0
+    assert len(children_of(store, result.parent_run_id)) == 4
+
+
+def _cli(path, *args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "fcdm_lab", "ablate", str(path), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def test_sigkilled_worker_is_retried_and_nothing_stays_running(store, tmp_path):
+    env = {**os.environ, "FCDM_HEARTBEAT_S": "1"}
+    proc = _cli(write_study(tmp_path, steps=60, **{"train.ckpt_every": 10}), "--workers", "2", env=env)
+    victim = None
+    deadline = time.time() + 120
+    while victim is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            running = the_study().get_trials(states=(TrialState.RUNNING,))
+        except (ValueError, KeyError, Exception):
+            continue
+        victim = next((t for t in running if "worker_pid" in t.user_attrs and "mlflow_run_id" in t.user_attrs), None)
+    assert victim is not None, proc.communicate()[0]
+    time.sleep(2)  # mid-child
+    os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    study = the_study()
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert [t.number for t in failed] == [victim.number]
+    (parent,) = store.search_runs(["1"], "tags.kind = 'ablation'")
+    assert_each_child_once(store, parent.info.run_id, resumed_run=victim.user_attrs["mlflow_run_id"])
+    retried = [t for t in study.get_trials(states=(TrialState.COMPLETE,))
+               if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retried) == 1 and retried[0].user_attrs["worker_pid"] != victim.user_attrs["worker_pid"]
+    # the retry reopened the killed child's MLflow run and resumed it from its checkpoint
+    assert retried[0].user_attrs["mlflow_run_id"] == victim.user_attrs["mlflow_run_id"]
+    assert "resuming" in out
+    assert not store.search_runs(["1"], "attributes.status = 'RUNNING'")
+
+
+def test_two_ablate_commands_at_once_train_no_child_twice(store, tmp_path):
+    path = write_study(tmp_path, steps=8)
+    procs = [_cli(path, "--workers", "1") for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    parents = store.search_runs(["1"], "tags.kind = 'ablation'")
+    assert len(parents) == 1  # the creator that lost the race deleted its parent
+    assert_each_child_once(store, parents[0].info.run_id)
+    assert sum("joining" in o for o in outs) == 1
