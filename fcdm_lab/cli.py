@@ -25,11 +25,26 @@ app = typer.Typer(
     name="fcdm-lab",
     help="Ablations, sweeps and experiment tracking for FCDM, the fully convolutional diffusion model.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(help="Dataset tools (latent stores).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        console.print(f"fcdm-lab {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Ablations, sweeps and experiment tracking for FCDM, the fully convolutional diffusion model."""
+
 
 SetOpt = typer.Option(None, "--set", help="Override KEY=VALUE (TOML value), repeatable.")
 UriOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
@@ -51,13 +66,13 @@ def profile(
     all_models: bool = typer.Option(False, "--all", help="Profile every preset and baseline."),
     resolution: List[int] = typer.Option([256], "--resolution", "-r", help="Image side in pixels; repeat to compare."),
     pixel: bool = typer.Option(False, "--pixel", help="Pixel-space input instead of SD-VAE latents (side/8, 4 channels)."),
-    in_channels: Optional[int] = typer.Option(None, "--in-channels"),
-    num_classes: int = typer.Option(1000, "--num-classes"),
+    in_channels: Optional[int] = typer.Option(None, "--in-channels", help="Input channels (default: 4 latent channels, 3 with --pixel)."),
+    num_classes: int = typer.Option(1000, "--num-classes", help="Classes of the label embedder (1000 = ImageNet)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Block option or model setting KEY=VALUE (kernel=5, mixer=cca, family=resnet, L=3)."),
     match: Optional[str] = typer.Option(None, "--match", help="Solve this knob (ratio | ffn_ratio | width) to the default block's GMACs."),
     match_target: Optional[float] = typer.Option(None, "--match-target", help="Explicit GMACs target for --match."),
     study: Optional[str] = typer.Option(None, "--study", help="Profile every variant of a study file at MODEL (e.g. FCDM-L --study paper-ablation)."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Batch size for --throughput."),
     throughput: bool = typer.Option(False, "--throughput", help="Also measure images/s and peak memory on this device."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
@@ -104,8 +119,8 @@ def blocks():
 @app.command()
 def train(
     experiment: str = typer.Argument("tiny-digits", help="Experiment name in experiments/ or a .toml path."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (overrides train.steps)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Training seed (overrides train.seed): data order, noise, init."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<experiment>)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="latest | PATH to a checkpoint."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop at this step (the schedule stays that of train.steps; resume later)."),
@@ -142,18 +157,18 @@ def train(
 @app.command()
 def sample(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint file (ours or a reference FCDM one)."),
-    num: int = typer.Option(64, "--num", min=1),
-    steps: int = typer.Option(250, "--steps", min=1),
+    num: int = typer.Option(64, "--num", min=1, help="Number of images."),
+    steps: int = typer.Option(250, "--steps", min=1, help="Sampling steps (DDPM/DDIM: respaced chain; flow: ODE steps)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="ddpm | ddim (iDDPM) or euler | heun (flow)."),
     eta: float = typer.Option(0.0, "--eta", help="DDIM eta (0 = deterministic)."),
-    cfg_scale: float = typer.Option(1.0, "--cfg-scale"),
+    cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="Classifier-free guidance scale (1 = none)."),
     vae: Optional[str] = typer.Option(None, "--vae", help="VAE directory or hub name to decode latents (default: the run's)."),
     class_labels: Optional[List[int]] = typer.Option(None, "--class-labels", help="Repeatable; default cycles the classes."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
     guidance_channels: Optional[int] = typer.Option(None, "--guidance-channels", help="3 = the reference's legacy first-3-channels guidance."),
-    seed: int = typer.Option(0, "--seed"),
-    batch_size: int = typer.Option(64, "--batch-size", min=1),
-    out: Path = typer.Option(Path("samples"), "--out"),
+    seed: int = typer.Option(0, "--seed", help="Noise seed: the same seed gives the same images."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch."),
+    out: Path = typer.Option(Path("samples"), "--out", help="Output folder (images/, grid.png, samples.npz)."),
 ):
     """Write PNGs, a grid and an ADM-format .npz of samples from a checkpoint."""
     from .inference import sample_checkpoint
@@ -167,15 +182,15 @@ def sample(
 
 @app.command()
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint"),
-    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=2),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint file, ema.safetensors or run folder."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=2, help="Samples to generate (default: the run's eval.num_samples)."),
     metrics: Optional[List[str]] = typer.Option(None, "--metrics", help="Repeatable: {fid,kid,is,precision,recall}_{digits,inception}, class_acc_digits; or fid, kid, is, prc (digits network on digits data, Inception otherwise)."),
     reference: Optional[str] = typer.Option(None, "--reference", help="digits-train | digits-test | image folder | .npz"),
-    sampler: Optional[str] = typer.Option(None, "--sampler"),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1),
-    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale"),
-    ema: bool = typer.Option(True, "--ema/--no-ema"),
-    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights"),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler (default: the run's eval.sampler)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampling steps (default: the run's eval.steps)."),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Guidance scale (default: the run's eval.cfg_scale)."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Local Inception weights file for FID/IS offline."),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Log into this MLflow run (default: the checkpoint's run)."),
     tracking_uri: Optional[str] = UriOpt,
 ):
@@ -195,8 +210,8 @@ def extract_latents(
     images: Path = typer.Option(..., "--images", help="ImageFolder root (class sub-folders)."),
     vae: str = typer.Option(..., "--vae", help="Hub name (stabilityai/sd-vae-ft-ema) or a local directory."),
     out: Path = typer.Option(..., "--out", help="Latent store folder to create."),
-    image_size: int = typer.Option(256, "--image-size", min=8),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    image_size: int = typer.Option(256, "--image-size", min=8, help="Resize and center-crop images to this side before encoding."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per VAE batch."),
     flip: bool = typer.Option(False, "--flip", help="Also store the horizontally flipped copy."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing latent store."),
 ):
@@ -215,8 +230,8 @@ def extract_latents(
 @app.command()
 def ablate(
     name: Optional[str] = typer.Argument(None, help="Study name in studies/ (omit to list them)."),
-    seeds: Optional[int] = typer.Option(None, "--seeds", min=1),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds per variant (default: the study file's)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps per run (default: the study file's)."),
     set_: Optional[List[str]] = SetOpt,
     tracking_uri: Optional[str] = UriOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the children's runs (default runs/<study>)."),
@@ -234,12 +249,12 @@ def ablate(
 @app.command()
 def sweep(
     name: str = typer.Argument(..., help="Sweep file in studies/ (e.g. scaling-lc) or a path."),
-    trials: Optional[int] = typer.Option(None, "--trials", min=1),
+    trials: Optional[int] = typer.Option(None, "--trials", min=1, help="Trials to run (default: the sweep file's)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default sqlite:///optuna.db); the same URL on many workers joins one study."),
-    study_name: Optional[str] = typer.Option(None, "--study-name"),
+    study_name: Optional[str] = typer.Option(None, "--study-name", help="Optuna study name (default: derived from the sweep)."),
     set_: Optional[List[str]] = SetOpt,
     tracking_uri: Optional[str] = UriOpt,
-    out: Optional[Path] = typer.Option(None, "--out"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the trials' runs, table and plot."),
 ):
     """Optuna sweep over L and C (single objective with pruning, or a Pareto front)."""
     from .studies.sweep import run_sweep
@@ -249,7 +264,7 @@ def sweep(
 
 
 @app.command()
-def report(run_id: str = typer.Argument(...), tracking_uri: Optional[str] = UriOpt):
+def report(run_id: str = typer.Argument(..., help="MLflow run id of a study's parent run."), tracking_uri: Optional[str] = UriOpt):
     """Rebuild a study's table, markdown report and plot from MLflow alone."""
     from .studies.report import report_command
 
@@ -257,7 +272,7 @@ def report(run_id: str = typer.Argument(...), tracking_uri: Optional[str] = UriO
 
 
 @app.command()
-def rerun(run_id: str = typer.Argument(...), tracking_uri: Optional[str] = UriOpt):
+def rerun(run_id: str = typer.Argument(..., help="MLflow run id to re-execute."), tracking_uri: Optional[str] = UriOpt):
     """Re-execute a logged run from its recorded config and seed."""
     from .studies.rerun import rerun as rerun_fn
 
@@ -266,8 +281,8 @@ def rerun(run_id: str = typer.Argument(...), tracking_uri: Optional[str] = UriOp
 
 @app.command()
 def ui(
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(5000, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(5000, "--port", help="Port to listen on."),
     tracking_uri: Optional[str] = UriOpt,
 ):
     """Start the MLflow UI on the same store (loopback by default)."""
