@@ -234,7 +234,9 @@ def ablate(
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps per run (default: the study file's)."),
     set_: Optional[List[str]] = SetOpt,
     tracking_uri: Optional[str] = UriOpt,
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the children's runs (default runs/<study>)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the children's runs (default runs/studies/<study>-<run id>)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker processes on this machine (default: one 1-thread worker per CPU core, one per GPU)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default sqlite:///optuna.db); the same URL on other machines joins the study."),
 ):
     """Run an ablation study: one MLflow parent run, one child per variant and seed, a report."""
     from .studies import ablate as ab
@@ -260,11 +262,17 @@ def sweep(
     from .studies.sweep import run_sweep
 
     run_sweep(name, trials=trials, storage=storage, study_name=study_name, uri=tracking_uri,
-              overrides=_overrides(set_), out_dir=out)
+              overrides=overrides, out_dir=out, workers=workers or default_workers())
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps of every trial (replaces the file's budget)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker processes on this machine (default: one 1-thread worker per CPU core, one per GPU)."),
 
 
+    from .studies.engine import default_workers
 @app.command()
 def report(run_id: str = typer.Argument(..., help="MLflow run id of a study's parent run."), tracking_uri: Optional[str] = UriOpt):
+    overrides = _overrides(set_)
+    if steps is not None:
+        overrides["train.steps"] = steps
     """Rebuild a study's table, markdown report and plot from MLflow alone."""
     from .studies.report import report_command
 

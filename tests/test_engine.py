@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,17 +60,17 @@ def store(_template_db, tmp_path):
     return get_client()
 
 
-def the_study():
-    (summary,) = optuna.get_all_study_summaries("sqlite:///optuna.db")
-    return optuna.load_study(study_name=summary.study_name, storage="sqlite:///optuna.db")
+def the_study(storage="sqlite:///optuna.db"):
+    (summary,) = optuna.get_all_study_summaries(storage)
+    return optuna.load_study(study_name=summary.study_name, storage=storage)
 
 
 def children_of(store, parent_id):
     return store.search_runs(["1"], f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
-def assert_each_child_once(store, parent_id, resumed_run=None):
-    study = the_study()
+def assert_each_child_once(store, parent_id, resumed_run=None, storage="sqlite:///optuna.db"):
+    study = the_study(storage)
     complete = [(t.user_attrs["variant"], t.user_attrs["seed"]) for t in study.get_trials(states=(TrialState.COMPLETE,))]
     assert sorted(complete) == sorted((v, s) for v in ("grn", "cca") for s in (0, 1))  # each once
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
@@ -145,3 +146,48 @@ def test_two_ablate_commands_at_once_train_no_child_twice(store, tmp_path):
     assert len(parents) == 1  # the creator that lost the race deleted its parent
     assert_each_child_once(store, parents[0].info.run_id)
     assert sum("joining" in o for o in outs) == 1
+
+
+def _pg_bin():
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    """A throwaway PostgreSQL cluster on loopback (Debian's postgresql binaries; initdb refuses to
+    run as root, so as root the cluster runs as the `postgres` user)."""
+    import getpass
+    import socket
+
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL binaries not found: install Debian's `postgresql` package "
+                    "(`apt-get install -y postgresql`, as .ci/run does) to run the distributed-storage test")
+    as_root = os.geteuid() == 0
+    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
+    data = Path(tempfile.mkdtemp(prefix="fcdm-pg-"))
+    if as_root:
+        shutil.chown(data, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    user = "postgres" if as_root else getpass.getuser()
+    run = dict(check=True, capture_output=True, timeout=120)
+    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", user], **run)
+    subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-w", "-l", str(data / "log"), "-o",
+                    f"-h 127.0.0.1 -p {port} -k {data}", "start"], **run)
+    try:
+        yield f"postgresql://{user}@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_workers_share_a_postgresql_storage(store, tmp_path, postgres):
+    pytest.importorskip("psycopg", reason="pip install 'psycopg[binary]' (the test extra) for postgresql:// URLs")
+    path = write_study(tmp_path)
+    result = run_ablation(str(path), workers=2, storage=postgres, progress=False)
+    assert result.storage.startswith("postgresql://") and not Path("optuna.db").exists()
+    assert_each_child_once(store, result.parent_run_id, storage=postgres)

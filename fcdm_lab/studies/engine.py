@@ -75,6 +75,7 @@ def heartbeat(study, trial):
     if not interval:
         yield
         return
+    storage.record_heartbeat(trial._trial_id)
     stop = threading.Event()
 
     def beat() -> None:
@@ -143,6 +144,9 @@ def work(study, job: Job, *, console=None, poll_s: float = POLL_S) -> WorkReport
             raise
         else:
             study.tell(trial, values)
+        after = getattr(job, "after", None)  # optional: a line per finished trial
+        if after is not None:
+            after(study, trial.number)
 
 
 # ---------------------------------------------------------------------------------------------

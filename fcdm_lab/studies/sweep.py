@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from ..config import ExperimentConfig, load_experiment, resolve_experiment_path, resolve_named_file, read_toml
 from ..errors import UserError, choices
+from .engine import PARENT_ATTR, URI_ATTR, claim_waiting, run_workers, work
 from .storage import DEFAULT_STORAGE, STORAGE_FORMS, check_storage_url, open_storage, redact, sqlite_init_lock
 from .spec import (STUDIES_DIR, SECTIONS, flatten_overrides, lower_is_better, model_info_for, normalize_overrides,
                    strict_table, typed_value)
@@ -51,8 +52,6 @@ SHORT_KEYS = {"L": "model.L", "C": "model.C"}          # space names that stand 
 MODEL_METRICS = ("gmacs", "params")                    # known before training (meta-device build)
 TRAIN_METRICS = ("final_loss", "images_per_s", "wall_time_s")
 HIGHER_IS_BETTER = ("images_per_s",)
-PARENT_ATTR = "mlflow_parent_run_id"                   # Optuna study user attrs shared by every worker
-URI_ATTR = "mlflow_tracking_uri"
 SPEC_ATTR = "sweep_spec"
 
 SWEEP_KEYS: Dict[str, tuple] = {
@@ -556,7 +555,6 @@ class SweepObjective:
         earlier = [t for t in counted_trials(trial.study) if t.number < trial.number]
         if len(earlier) >= self.target:
             trial.set_user_attr("surplus", True)
-            trial.study.stop()
             raise optuna.TrialPruned(f"the study already has its {self.target} trials")
         self.ran.append(trial.number)
         params = {p.name: p.suggest(trial) for p in self.spec.space}
@@ -578,9 +576,9 @@ class SweepObjective:
     def _run(self, trial, params: Dict[str, Any]) -> float | tuple:
         import optuna
 
-        from ..eval.evaluate import evaluate_checkpoint, metric_key
-        from ..tracking import RunPointer, log_run_config, standard_tags, tracked_run
-        from ..train.trainer import train
+        from ..eval.evaluate import metric_key
+        from ..pipeline import run_pipeline
+        from ..tracking import log_run_config, standard_tags, tracked_run
 
         n, single = trial.number, not self.spec.multi
         tags = {"kind": "sweep-trial", "trial": n, "optuna.study": self.study_name, "study": self.study_name,
@@ -613,23 +611,22 @@ class SweepObjective:
                 self.console.print(f"[bold]trial {n}[/]: {_params_text(params)} ({info['params']:,} params, "
                                    f"{info['gmacs']:.4g} GMACs, {steps} steps) -> {trial_dir}", highlight=False)
 
-                trial_dir.mkdir(parents=True, exist_ok=True)
-                RunPointer(tracker.run_id, tracker.tracking_uri).save(trial_dir)
                 # Train in chunks that end at each intermediate evaluation (resume="latest" continues
                 # exactly where the previous chunk stopped), then at the budget.
                 points = list(range(self.spec.eval_every, steps, self.spec.eval_every)) if self.spec.eval_every else []
                 points.append(steps)
                 base = {"gmacs": float(info["gmacs"]), "params": float(info["params"])}
                 resume, measured = None, {}
-                for k in points:
-                    result = train(cfg, trial_dir, resume=resume, tracker=tracker, progress=self.progress, max_steps=k)
+                wanted = list(dict.fromkeys([*cfg.eval.metrics, *self.eval_metrics]))
+                for k in points:  # the one run pipeline; evaluation of the in-memory EMA model
+                    out = run_pipeline(tracker, cfg, trial_dir, resume=resume, progress=self.progress, max_steps=k,
+                                       evaluate=bool(self.eval_metrics), eval_metrics=wanted,
+                                       study=self.study_name, variant=f"trial-{n:04d}", seed=cfg.train.seed)
+                    result, got = out.train, out.metrics
                     resume = "latest"
                     measured = {**base, "final_loss": result.final_loss, "images_per_s": result.images_per_s,
                                 "wall_time_s": result.wall_time_s}
                     if self.eval_metrics:
-                        wanted = list(dict.fromkeys([*cfg.eval.metrics, *self.eval_metrics]))
-                        got = evaluate_checkpoint(result.checkpoint, metrics=wanted, tracker=tracker,
-                                                  progress=self.progress)
                         for m in self.eval_metrics:
                             key = metric_key(m, got)
                             if key is None:
@@ -783,10 +780,65 @@ def _wait_for_parent(study, timeout_s: float = 30.0) -> Optional[str]:
         time.sleep(0.5)  # user_attrs reads the storage on every access
 
 
+class SweepJob:
+    """The engine's job for a sweep: retry copies first, then new trials from the sampler while the
+    study is below its target and this worker below its budget."""
+
+    def __init__(self, objective: "SweepObjective", *, budget: int):
+        self.objective, self.budget, self.asked = objective, budget, 0
+
+    def claim(self, study):
+        trial = claim_waiting(study)
+        if trial is not None:
+            return trial
+        if self.asked >= self.budget or len(counted_trials(study)) >= self.objective.target:
+            return None
+        self.asked += 1
+        return study.ask()
+
+    def run(self, trial):
+        return self.objective(trial)
+
+    def finished(self, study) -> bool:
+        from optuna.trial import TrialState
+
+        return not study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+
+    def after(self, study, number: int) -> None:
+        frozen = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+        if frozen.user_attrs.get("surplus"):
+            return
+        values = ", ".join(f"{m} {_fmt(v)}" for m, v in zip(self.objective.spec.metrics, frozen.values or []))
+        took = (frozen.datetime_complete - frozen.datetime_start).total_seconds() if frozen.datetime_complete else 0
+        self.objective.console.print(f"trial {frozen.number} {frozen.state.name} in {took:.0f} s"
+                                     + (f": {values}" if values else ""), highlight=False)
+
+
+def run_sweep_worker(name_or_path: str, *, trials: int, storage: str, study_name: str, uri: str,
+                     overrides: Mapping[str, Any], out_dir: str, progress: bool = False, console=None,
+                     worker: int = 0) -> None:
+    """One spawned worker of a sweep that exists already (see `run_sweep`, engine.run_workers)."""
+    import optuna
+
+    spec = load_sweep(name_or_path)
+    overrides = dict(overrides)
+    if "train.steps" in overrides:
+        spec.budget = Budget(steps=overrides["train.steps"])
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage), sampler=make_sampler(spec, None),
+                              pruner=make_pruner(spec, spec.budget.steps))
+    parent_id = study.user_attrs[PARENT_ATTR]
+    objective = SweepObjective(spec, target=trials, overrides=overrides, study_name=study_name,
+                               parent_run_id=parent_id, uri=uri, out_dir=Path(out_dir), progress=progress,
+                               console=console)
+    work(study, SweepJob(objective, budget=max(0, trials - len(counted_trials(study)))), console=console)
+
+
 def run_sweep(name_or_path: str | Path, *, trials: Optional[int] = None, storage: Optional[str] = None,
               study_name: Optional[str] = None, uri: Optional[str] = None,
               overrides: Mapping[str, Any] | List[str] | None = None, out_dir: str | Path | None = None,
-              progress: bool = True, threads: Optional[int] = None, console=None) -> SweepResult:
+              progress: bool = True, threads: Optional[int] = None, console=None,
+              workers: int = 1) -> SweepResult:
     """Run (or join, or resume) an Optuna sweep; see the module docstring.
 
     trials: the study's target number of trials (default: the file's); storage: an Optuna RDB URL
@@ -794,7 +846,8 @@ def run_sweep(name_or_path: str | Path, *, trials: Optional[int] = None, storage
     default the sweep file's name; uri: MLflow tracking URI; overrides: `--set` items (they apply to
     every trial; `train.steps` replaces the file's budget); out_dir: trial folders (default
     runs/<study>); threads: torch threads in this process (default train.threads); 1 when several
-    workers share a machine.
+    workers share a machine; workers: processes on this machine running trials (engine.py; each
+    gets cores / workers threads unless train.threads is set).
     """
     import optuna
     import torch
@@ -848,25 +901,21 @@ def run_sweep(name_or_path: str | Path, *, trials: Optional[int] = None, storage
 
     objective = SweepObjective(spec, target=target, overrides=overrides, study_name=study_name,
                                parent_run_id=parent_id, uri=uri, out_dir=out_dir, progress=progress, console=console)
-
-    def after_trial(study_, frozen) -> None:
-        if frozen.user_attrs.get("surplus"):
-            return
-        if len(counted_trials(study_)) >= target:
-            study_.stop()
-        values = ", ".join(f"{m} {_fmt(v)}" for m, v in zip(spec.metrics, frozen.values or []))
-        took = (frozen.datetime_complete - frozen.datetime_start).total_seconds() if frozen.datetime_complete else 0
-        console.print(f"trial {frozen.number} {frozen.state.name} in {took:.0f} s"
-                      + (f": {values}" if values else ""), highlight=False)
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    n = max(1, min(workers, remaining))
+    worker_kwargs = dict(name_or_path=str(name_or_path), trials=target, storage=storage_url, study_name=study_name,
+                         uri=uri, overrides=overrides, out_dir=str(out_dir), progress=False)
 
     try:
         with tracked_run(run_id=parent_id, uri=uri, tags={"optuna.trials_target": target}) as parent:
             if created:
                 parent.log_params(_parent_params(spec, overrides))
                 parent.log_text(Path(spec.path).read_text(), "sweep/sweep.toml")
-            if remaining:
-                study.optimize(objective, n_trials=remaining, catch=(Exception,), gc_after_trial=True,
-                               callbacks=[after_trial])
+            if remaining and n == 1:
+                work(study, SweepJob(objective, budget=remaining), console=console)
+            elif remaining:
+                run_workers("sweep", worker_kwargs, n)
             rows, best, title, outputs = _summarize(study, spec, parent, out_dir, study_name, uri)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: study {study_name!r} is saved in {storage_text}; run the same command "
