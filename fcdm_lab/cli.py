@@ -238,14 +238,14 @@ def ablate(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker processes on this machine (default: one 1-thread worker per CPU core, one per GPU)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default sqlite:///optuna.db); the same URL on other machines joins the study."),
 ):
-    """Run an ablation study: one MLflow parent run, one child per variant and seed, a report."""
+    """Run an ablation study: one MLflow parent run, one child per variant and seed, verdicts."""
     from .studies import ablate as ab
 
     if name is None:
         ab.print_studies(console)
         return
     ab.run_ablation(name, seeds=seeds, steps=steps, overrides=_overrides(set_), uri=tracking_uri,
-                    out_dir=out, console=console)
+                    out_dir=out, console=console, workers=workers, storage=storage)
 
 
 @app.command()
