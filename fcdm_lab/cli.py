@@ -257,22 +257,22 @@ def sweep(
     set_: Optional[List[str]] = SetOpt,
     tracking_uri: Optional[str] = UriOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the trials' runs, table and plot."),
-):
-    """Optuna sweep over L and C (single objective with pruning, or a Pareto front)."""
-    from .studies.sweep import run_sweep
-
-    run_sweep(name, trials=trials, storage=storage, study_name=study_name, uri=tracking_uri,
-              overrides=overrides, out_dir=out, workers=workers or default_workers())
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps of every trial (replaces the file's budget)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker processes on this machine (default: one 1-thread worker per CPU core, one per GPU)."),
-
-
+):
+    """Optuna sweep over L and C (single objective with pruning, or a Pareto front)."""
     from .studies.engine import default_workers
-@app.command()
-def report(run_id: str = typer.Argument(..., help="MLflow run id of a study's parent run."), tracking_uri: Optional[str] = UriOpt):
+    from .studies.sweep import run_sweep
+
     overrides = _overrides(set_)
     if steps is not None:
         overrides["train.steps"] = steps
+    run_sweep(name, trials=trials, storage=storage, study_name=study_name, uri=tracking_uri,
+              overrides=overrides, out_dir=out, workers=workers or default_workers())
+
+
+@app.command()
+def report(run_id: str = typer.Argument(..., help="MLflow run id of a study's parent run."), tracking_uri: Optional[str] = UriOpt):
     """Rebuild a study's table, markdown report and plot from MLflow alone."""
     from .studies.report import report_command
 
