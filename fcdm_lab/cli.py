@@ -272,11 +272,12 @@ def sweep(
 
 
 @app.command()
-def report(run_id: str = typer.Argument(..., help="MLflow run id of a study's parent run."), tracking_uri: Optional[str] = UriOpt):
+def report(run_id: str = typer.Argument(..., help="MLflow run id of a study's parent run."), tracking_uri: Optional[str] = UriOpt,
+           against_paper: Optional[bool] = typer.Option(None, "--against-paper/--no-against-paper", help="Rank correlation with the paper's FID column (bootstrap over seeds) and each verdict next to the paper's change; default: when every variant has a paper FID.")):
     """Rebuild a study's table, markdown report and plot from MLflow alone."""
     from .studies.report import report_command
 
-    report_command(run_id, uri=tracking_uri, console=console)
+    report_command(run_id, uri=tracking_uri, console=console, against_paper=against_paper)
 
 
 @app.command()

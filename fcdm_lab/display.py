@@ -167,6 +167,21 @@ def report_table(report) -> Table:
     return t
 
 
+AGREEMENT_STYLES = {"agrees": "green", "disagrees": "red"}
+
+
+def paper_table(cmp) -> Table:
+    """A study's ordering against the paper's table (studies/paper.py): agreement cells coloured."""
+    from rich import box
+
+    t = Table(title="Against the paper's ablation table", caption=cmp.summary(), box=box.SIMPLE_HEAD)
+    for i, h in enumerate(cmp.header()):
+        t.add_column(h, justify="left" if i in (0, 5, 6) else "right", overflow="fold")
+    for row in cmp.cells():
+        t.add_row(*row[:-1], f"[{AGREEMENT_STYLES[row[-1]]}]{row[-1]}[/]" if row[-1] in AGREEMENT_STYLES else row[-1])
+    return t
+
+
 def sweep_table(rows: List[Dict[str, Any]], title: str, fmt) -> Table:
     """The trials of a sweep (studies/sweep.py): Pareto-optimal / best rows bold green."""
     table = Table(title=title, title_justify="left")

@@ -4,6 +4,7 @@ import dataclasses
 import gzip
 import math
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,3 +242,51 @@ def test_against_paper_skips_variants_without_paper_row_or_results():
     md = cmp.markdown()
     assert "| variant | paper FID | paper Δ FID |" in md and "left out: k3, extra" in md
     assert set(cmp.metrics()) == {"paper.spearman", "paper.spearman_low", "paper.spearman_high"}
+
+
+def _fake_study_run(values):
+    """A study parent run with FINISHED children carrying only the primary metric, as `fcdm-lab
+    ablate paper-ablation-fashion` leaves them (no training: the report reads MLflow alone)."""
+    import json
+
+    from fcdm_lab.studies.spec import load_study
+    from fcdm_lab.tracking import get_client
+
+    client = get_client()
+    exp = client.get_experiment_by_name("fcdm-lab") or client.get_experiment(client.create_experiment("fcdm-lab"))
+    spec = load_study("paper-ablation-fashion").to_dict()
+    seeds = list(range(len(next(iter(values.values())))))
+    parent = client.create_run(exp.experiment_id, tags={"kind": "ablation", "study": spec["name"]})
+    client.log_text(parent.info.run_id, json.dumps({"spec": spec, "seeds_used": seeds, "steps": 2000}),
+                    "study.json")
+    for variant, vals in values.items():
+        for seed, v in zip(seeds, vals):
+            child = client.create_run(exp.experiment_id, tags={"mlflow.parentRunId": parent.info.run_id,
+                                                               "variant": variant, "seed": str(seed)})
+            client.log_metric(child.info.run_id, "fid_fashion", float(v))
+            client.set_terminated(child.info.run_id, "FINISHED")
+    client.set_terminated(parent.info.run_id, "FINISHED")
+    return client, parent.info.run_id
+
+
+def test_report_against_paper_end_to_end(tmp_path):
+    """`fcdm-lab report RUN_ID --against-paper` on a study that ranks the rows as the paper does."""
+    from typer.testing import CliRunner
+
+    from fcdm_lab.cli import app
+
+    values = _synthetic(+1, seeds=3, noise=0.05)
+    client, run_id = _fake_study_run(values)
+    result = CliRunner().invoke(app, ["report", run_id, "--against-paper"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "Against the paper's ablation table" in result.output and "+1.00" in result.output
+    md = next(Path("reports").glob("*/report.md")).read_text()
+    assert "## Against the paper's ablation table" in md and "| resnet | 31.14 | +11.17 |" in md
+    parent = client.get_run(run_id)
+    assert parent.data.metrics["paper.spearman"] == pytest.approx(1.0)
+    assert parent.data.metrics["paper.spearman_low"] > 0.5
+    assert parent.data.tags["verdict.resnet.fid_fashion"] == WORSE
+    # without the flag the comparison still comes with a study whose every row has a paper FID
+    assert "Against the paper" in CliRunner().invoke(app, ["report", run_id], env={"COLUMNS": "250"}).output
+    assert "Against the paper" not in CliRunner().invoke(app, ["report", run_id, "--no-against-paper"],
+                                                         env={"COLUMNS": "250"}).output

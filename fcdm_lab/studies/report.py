@@ -109,6 +109,7 @@ class Report:
     seeds: int
     steps: Optional[int]
     missing: List[str] = field(default_factory=list)   # "variant/seed" children without results
+    paper_comparison: Optional[Any] = None   # studies/paper.py: the ordering against the paper's FIDs
 
     @property
     def lower_is_better(self) -> bool:
@@ -169,9 +170,11 @@ class Report:
         return report_table(self)
 
     def print(self, console) -> None:
-        from ..display import print_wide
+        from ..display import paper_table, print_wide
 
         print_wide(console, self.table())
+        if self.paper_comparison is not None:
+            print_wide(console, paper_table(self.paper_comparison))
 
     def text(self, width: int = 200) -> str:
         """The rich table as plain text (what the terminal shows)."""
@@ -206,6 +209,8 @@ class Report:
                   "", "| " + " | ".join(self.header()) + " |", "|" + "---|" * len(self.header())]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in self.cells()]
         lines += ["", self.caption() + ".", ""]
+        if self.paper_comparison is not None:
+            lines += ["## Against the paper's ablation table", "", self.paper_comparison.markdown()]
         return "\n".join(lines)
 
     def plot(self, path) -> Path:
@@ -261,6 +266,8 @@ class Report:
             for p in paths.values():
                 tracker.log_artifact(p, REPORT_DIR)
         metrics, tags = self.verdict_metrics()
+        if self.paper_comparison is not None:
+            metrics.update(self.paper_comparison.metrics())
         tracker.log_metrics(metrics)
         tracker.set_tags(tags)
 
@@ -292,8 +299,9 @@ def _float(params: Dict[str, str], key: str) -> Optional[float]:
         return None
 
 
-def build_report(run_id: str, uri: str | None = None) -> Report:
-    """Rebuild a study's report from its MLflow parent run and children alone."""
+def build_report(run_id: str, uri: str | None = None, against_paper: Optional[bool] = None) -> Report:
+    """Rebuild a study's report from its MLflow parent run and children alone. against_paper: add
+    the comparison with the paper's table (studies/paper.py); None = when every variant has a paper FID."""
     from ..eval.evaluate import metric_key
     from ..tracking import get_client, get_run
 
@@ -359,19 +367,29 @@ def build_report(run_id: str, uri: str | None = None) -> Report:
 
     sign = 1.0 if lower_is_better(primary) else -1.0
     rows.sort(key=lambda r: (primary not in r.metrics, sign * r.metrics[primary].mean if primary in r.metrics else 0.0))
-    return Report(run_id=run_id, study=spec["name"], description=spec.get("description", ""),
-                  status=parent.info.status, baseline=baseline, primary=primary, metrics=columns, rows=rows,
-                  seeds=len(seeds), steps=info.get("steps"), missing=missing)
+    report = Report(run_id=run_id, study=spec["name"], description=spec.get("description", ""),
+                    status=parent.info.status, baseline=baseline, primary=primary, metrics=columns, rows=rows,
+                    seeds=len(seeds), steps=info.get("steps"), missing=missing)
+    with_fid = [v for v in variants if (papers.get(v) or {}).get("fid") is not None]
+    if against_paper and len(with_fid) < 3:
+        raise UserError(f"study {spec['name']!r} gives the paper's FID for {len(with_fid)} variant(s) "
+                        f"({', '.join(with_fid) or 'none'}); --against-paper needs at least 3 (paper = {{ fid = ... }})")
+    if against_paper or (against_paper is None and len(with_fid) == len(variants) >= 3):
+        from .paper import report_against_paper
+
+        report.paper_comparison = report_against_paper(report)
+    return report
 
 
-def report_command(run_id: str, uri: str | None = None, out_dir=None, console=None) -> tuple[Report, Dict[str, Path]]:
+def report_command(run_id: str, uri: str | None = None, out_dir=None, console=None,
+                   against_paper: Optional[bool] = None) -> tuple[Report, Dict[str, Path]]:
     """The `fcdm-lab report RUN_ID` library function: rebuild the report, print the table, write
     report.md / plot.png / summary.json (default reports/<study>-<run id>/) and log them again."""
     from rich.console import Console
 
     from ..tracking import attach_run
 
-    report = build_report(run_id, uri)
+    report = build_report(run_id, uri, against_paper=against_paper)
     console = console or Console()
     report.print(console)
     folder = Path(out_dir) if out_dir is not None else Path("reports") / f"{report.study}-{run_id[:8]}"
