@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from fcdm_lab.cli import main
+from fcdm_lab.models.registry import BLOCKS, MIXERS
 
 
 def run(capsys, *args):
@@ -72,8 +73,8 @@ def test_blocks_lists_families_and_mixers(capsys):
 
 @pytest.mark.parametrize("args,needle", [
     (["profile", "FCDM-XXL"], "unknown model 'FCDM-XXL'; valid: "),
-    (["profile", "FCDM-S", "--set", "family=transformer"], "valid: convnext, resnet"),
-    (["profile", "FCDM-S", "--set", "mixer=se"], "valid: grn, cca, none"),
+    (["profile", "FCDM-S", "--set", "family=transformer"], f"valid: {', '.join(BLOCKS.names())}"),
+    (["profile", "FCDM-S", "--set", "mixer=no-such-mixer"], f"valid: {', '.join(MIXERS.names())}"),
     (["profile", "FCDM-S", "--set", "kernel=4"], "odd"),
     (["profile", "FCDM", "--set", "L=0", "--set", "C=32"], "L (blocks per level) must be >= 1"),
     (["profile", "FCDM", "--set", "L=1", "--set", "C=31"], "even integer >= 8"),
@@ -107,7 +108,7 @@ def test_console_script_bad_input_has_no_traceback():
     (["train", "tiny-digits", "--set", "data.name=imagefolder", "--set", "data.path=/no/such/dir"], "/no/such/dir"),
     (["train", "tiny-digits", "--set", "train.lr=fast"], "train.lr must be float"),
     (["train", "tiny-digits", "--set", "train.colour=1"], "unknown key 'train.colour'"),
-    (["train", "tiny-digits", "--set", "model.block={family=\"transformer\"}"], "valid: convnext, resnet"),
+    (["train", "tiny-digits", "--set", "model.block={family=\"transformer\"}"], f"valid: {', '.join(BLOCKS.names())}"),
     (["sample", "--checkpoint", "no-such.pt"], "no-such.pt"),
     (["ablate", "no-such-study"], "unknown study 'no-such-study'; available: "),
     (["sweep", "scaling-lc", "--storage", "notaurl"], "storage"),

@@ -93,20 +93,33 @@ def test_reference_checkpoint_loads_strict_and_matches_numerics(tmp_path):
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
 
 
+def option_values(name, typ, default):
+    """Values worth testing for one declared block option, derived from its declaration only: both
+    booleans, every registered mixer for an option named `mixer` (the registry it names), and the
+    default plus one other value for numbers (odd stays odd for kernels)."""
+    if typ is bool:
+        return [False, True]
+    if name == "mixer":
+        return MIXERS.names()
+    if typ is int:
+        return [default, max(1, default - 2)]
+    if typ is float:
+        return [default, default / 2]
+    return [default]
+
+
 def _block_specs():
-    """Every registered family x every option combination worth checking (loops the registries)."""
+    """Every registered family, from its declared OPTIONS: the full product of its switches (bools
+    and mixers), then each numeric option moved on its own. Adding a family, an option or a mixer
+    adds cases here without a test edit."""
     for family, cls in BLOCKS.items():
-        opts = cls.OPTIONS
-        axes = {
-            "mixer": MIXERS.names(),
-            "ffn": [False, True],
-            "kernel": [3, 5] if "kernel" in opts else [None],
-            "bottleneck": [True, False] if "bottleneck" in opts else [None],
-        }
-        for combo in itertools.product(*axes.values()):
-            spec = {"family": family}
-            spec.update({k: v for k, v in zip(axes, combo) if v is not None})
-            yield spec
+        values = {k: option_values(k, typ, default) for k, (typ, default, _) in cls.OPTIONS.items()}
+        switches = {k: v for k, v in values.items() if cls.OPTIONS[k][0] is bool or k == "mixer"}
+        for combo in itertools.product(*switches.values()):
+            yield {"family": family, **dict(zip(switches, combo))}
+        for k, vals in values.items():
+            if k not in switches:
+                yield from ({"family": family, k: v} for v in vals[1:])
 
 
 @pytest.mark.parametrize("spec", list(_block_specs()), ids=lambda s: "-".join(f"{v}" for v in s.values()))
@@ -153,8 +166,9 @@ def test_grad_checkpointing_same_gradients():
             p.normal_(0, 0.1)
             q.copy_(p)
     a.train(), b.train()
-    for m in (a, b):
-        m.y_embedder_1.dropout_prob = 0.0
+    for m in (a, b):  # no label dropout (random), whether it is drawn once or per level
+        for i in (1, 2, 3):
+            getattr(m, f"y_embedder_{i}").dropout_prob = 0.0
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
     a(x, t, y).square().sum().backward()
     b(x, t, y).square().sum().backward()
@@ -172,16 +186,31 @@ def test_registry_rejects_duplicates_and_lists_valid_names():
 
 
 @pytest.mark.parametrize("spec,msg", [
-    ({"family": "transformer"}, "unknown block family 'transformer'; valid: convnext, resnet"),
-    ({"mixer": "se"}, "unknown channel mixer 'se'; valid: grn, cca, none"),
+    ({"family": "no-such-family"}, f"unknown block family 'no-such-family'; valid: {', '.join(BLOCKS.names())}$"),
+    ({"mixer": "no-such-mixer"}, f"unknown channel mixer 'no-such-mixer'; valid: {', '.join(MIXERS.names())}$"),
     ({"kernel": 4}, "odd"),
     ({"kernel": "big"}, "must be int"),
+    ({"kernel": "5"}, "must be int"),  # strings never become numbers (config.check_value)
+    ({"ffn": "true"}, "must be bool"),
     ({"ratio": -1.0}, "positive"),
     ({"colour": 1}, "unknown option 'colour'"),
 ])
 def test_bad_block_specs(spec, msg):
     with pytest.raises(UserError, match=msg):
         resolve_block_spec(spec)
+
+
+@pytest.mark.parametrize("family", BLOCKS.names())
+def test_block_options_resolve_to_declared_defaults(family):
+    """A family's spec resolves to exactly its declared options (whatever they are), each default
+    kept, whole floats accepted for ints and ints for floats (the one coercion policy)."""
+    options = BLOCKS.get(family).OPTIONS
+    resolved = resolve_block_spec({"family": family})
+    assert resolved == {"family": family, **{k: default for k, (_, default, _) in options.items()}}
+    loose = {k: (float(d) if typ is int else int(d) if typ is float and float(d).is_integer() else d)
+             for k, (typ, d, _) in options.items()}
+    again = resolve_block_spec({"family": family, **loose})
+    assert again == resolved and all(type(again[k]) is type(v) for k, v in resolved.items())
 
 
 @pytest.mark.parametrize("kw,msg", [
