@@ -1,11 +1,15 @@
 """The `fcdm-lab` command line. Thin by design: each command parses, calls one library function,
 prints. Library imports are lazy so `fcdm-lab --help` stays fast.
 
-Errors: a `UserError` (bad input) or a usage error prints one line on stderr and exits with 2.
+Errors: a `UserError` (bad input) or a usage error prints one line on stderr and exits with 2;
+a signal stops with 130 (SIGINT) or 143 (SIGTERM, SIGUSR1) and one line saying how to resume.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -302,27 +306,93 @@ def ui(
 
 # ---------------------------------------------------------------------------------------------
 
+def _error(message: str, label: str = "error") -> None:
+    err_console.print(f"[bold red]{label}:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def _resume_hint(args: List[str], e) -> str:
+    """How to go on after a stop: the same command line, for `train` with `--resume latest` on the
+    run folder that holds the checkpoint just written."""
+    import shlex
+
+    command = args[0] if args else ""
+    if command == "train" and getattr(e, "checkpoint", None) is not None:
+        rest, skip = [], False
+        for a in args:
+            if skip:
+                skip = False
+            elif a == "--resume":
+                skip = True
+            elif not a.startswith("--resume="):
+                rest.append(a)
+        if not any(a == "--out" or a.startswith("--out=") for a in rest) and e.out_dir is not None:
+            rest += ["--out", str(e.out_dir)]
+        return f"; resume: `{shlex.join(['fcdm-lab', *rest, '--resume', 'latest'])}`"
+    if command in ("train", "ablate", "sweep"):
+        return f"; resume with the same command: `{shlex.join(['fcdm-lab', *args])}`"
+    return ""
+
+
+# Filesystem errors that are the user's environment, not a bug: one line and exit 2.
+_IO_ERRORS = {errno.ENOSPC: "free some space or choose another --out", errno.EDQUOT: "free some space or choose another --out",
+              errno.EROFS: "choose another --out", errno.EACCES: "check the permissions or choose another path",
+              errno.EPERM: "check the permissions or choose another path"}
+
+
 def main(argv: Optional[List[str]] = None) -> None:
-    """Entry point: one-line errors with exit code 2 for bad input, never a traceback."""
+    """Entry point and exit codes: 0 done; 2 bad input (a `UserError`, a usage error, a folder that
+    cannot be written), one line and no traceback; 130 Ctrl-C; 143 SIGTERM or SIGUSR1 (a training
+    first finishes its step and writes a checkpoint); the stop line says how to resume."""
+    import warnings
+
+    from .signals import Interrupted, raise_on_signals
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = _one_line_warning
+    command = typer.main.get_command(app)
+    # Shell completion: the installed script calls us with _FCDM_LAB_COMPLETE set; answer and exit
+    # (app() does this itself; make_context below does not).
+    command._main_shell_completion({}, "fcdm-lab", None)
     try:
-        app(args=argv, standalone_mode=False, prog_name="fcdm-lab")
+        # make_context + invoke rather than app(standalone_mode=False): typer's wrapper turns a
+        # KeyboardInterrupt (Interrupted is one) into a bare 130 and drops what it carries.
+        with raise_on_signals(), command.make_context("fcdm-lab", args) as ctx:
+            command.invoke(ctx)
+    except KeyboardInterrupt as e:
+        if not isinstance(e, Interrupted):
+            e = Interrupted(signal.SIGINT, "stopped by SIGINT (Ctrl-C)")
+        _error(f"{e}{_resume_hint(args, e)}", label="interrupted")
+        sys.exit(e.exit_code)
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        _error(str(e))
         sys.exit(2)
     except click_exc.NoArgsIsHelpError:
-        sys.exit(0)  # typer has already printed the help
+        sys.exit(0)  # the help is already printed
     except click_exc.UsageError as e:
         hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
-        err_console.print(f"[bold red]error:[/] {escape(e.format_message() + hint)}", highlight=False, soft_wrap=True)
+        _error(e.format_message() + hint)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        err_console.print("interrupted")
+    except typer.Abort:
+        _error("aborted", label="interrupted")
         sys.exit(130)
     except click_exc.ClickException as e:
-        err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True)
+        _error(e.format_message())
         sys.exit(e.exit_code)
+    except BrokenPipeError:  # `fcdm-lab ... | head`: stop quietly (Python's documented recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except OSError as e:
+        if e.errno not in _IO_ERRORS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        _error(f"{e.strerror or e}{where}; {_IO_ERRORS[e.errno]}")
+        sys.exit(2)
     sys.exit(0)
 
 

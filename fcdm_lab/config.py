@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import keyword
+import math
+import re
 import tomllib
 import types
 import typing
@@ -248,13 +250,48 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.model.match_flops is not None:
         from .models.matching import KNOBS
         one_of("model.match_flops", cfg.model.match_flops, KNOBS)
-    for key, value in (("train.steps", cfg.train.steps), ("train.batch_size", cfg.train.batch_size),
-                       ("train.grad_accum", cfg.train.grad_accum), ("train.keep_last", cfg.train.keep_last),
-                       ("eval.num_samples", cfg.eval.num_samples)):
-        if value < 1:
-            raise UserError(f"{key} must be >= 1, got {value}")
-    if not 0.0 <= cfg.train.ema_decay < 1.0:
-        raise UserError(f"train.ema_decay must be in [0, 1), got {cfg.train.ema_decay}")
+    check_name("experiment name", cfg.name)
+    t, d, e = cfg.train, cfg.diffusion, cfg.eval
+    # Numeric ranges, checked here because a wrong sign fails late or not at all (a negative lr
+    # "trains" uphill): key -> (value, low, high, low included); None values are unset options.
+    ranges = {
+        "train.steps": (t.steps, 1, None, True), "train.batch_size": (t.batch_size, 1, None, True),
+        "train.grad_accum": (t.grad_accum, 1, None, True), "train.keep_last": (t.keep_last, 1, None, True),
+        "train.log_every": (t.log_every, 1, None, True), "train.ckpt_every": (t.ckpt_every, 1, None, True),
+        "train.sample_every": (t.sample_every, 0, None, True), "train.warmup_steps": (t.warmup_steps, 0, None, True),
+        "train.lr": (t.lr, 0, None, False), "train.weight_decay": (t.weight_decay, 0, None, True),
+        "train.grad_clip": (t.grad_clip, 0, None, False), "train.threads": (t.threads, 1, None, True),
+        "train.ema_decay": (t.ema_decay, 0, 1, True), "data.num_workers": (cfg.data.num_workers, 0, None, True),
+        "data.image_size": (cfg.data.image_size, 1, None, True),
+        "model.class_dropout_prob": (cfg.model.class_dropout_prob, 0, 1, True),
+        "diffusion.num_timesteps": (d.num_timesteps, 1, None, True), "diffusion.beta_start": (d.beta_start, 0, 1, False),
+        "diffusion.beta_end": (d.beta_end, 0, 1, False), "diffusion.time_scale": (d.time_scale, 0, None, False),
+        "eval.num_samples": (e.num_samples, 1, None, True), "eval.steps": (e.steps, 1, None, True),
+        "eval.eta": (e.eta, 0, None, True), "eval.cfg_scale": (e.cfg_scale, 0, None, True),
+        "eval.guidance_channels": (e.guidance_channels, 1, None, True), "eval.batch_size": (e.batch_size, 1, None, True),
+    }
+    for key, (value, low, high, closed) in ranges.items():
+        if value is None:
+            continue
+        ok = (value >= low if closed else value > low) and (high is None or value < high) and math.isfinite(value)
+        if not ok:
+            want = f"{'>=' if closed else '>'} {low}" if high is None else f"in {'[' if closed else '('}{low}, {high})"
+            raise UserError(f"{key} must be {want}, got {value}")
+    if d.beta_start > d.beta_end:
+        raise UserError(f"diffusion.beta_start ({d.beta_start}) must be <= diffusion.beta_end ({d.beta_end})")
+
+
+# Names become folder names (runs/<name>) and MLflow run names: no separators, no leading dot.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(kind: str, value: Any) -> str:
+    """An experiment, study or variant name: letters, digits and . _ - (not first), at most 128
+    characters; so `runs/<name>` stays inside `runs/`. Returns the name; a UserError otherwise."""
+    if not isinstance(value, str) or not SAFE_NAME.match(value):
+        raise UserError(f"{kind} {value!r} is not allowed: use letters, digits and . _ - (starting with a letter "
+                        f"or digit, at most 128 characters); it names the run folder")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_console_script_bad_input_has_no_traceback():
 
 @pytest.mark.parametrize("args,needle", [
     (["train", "no-such-experiment"], "unknown experiment 'no-such-experiment'; available: "),
-    (["train", "tiny-digits", "--set", "data.name=imagenet"], "digits, imagefolder, mnist"),
+    (["train", "tiny-digits", "--set", "data.name=imagenet"], "unknown dataset 'imagenet'"),
     (["train", "tiny-digits", "--set", "data.name=imagefolder", "--set", "data.path=/no/such/dir"], "/no/such/dir"),
     (["train", "tiny-digits", "--set", "train.lr=fast"], "train.lr must be float"),
     (["train", "tiny-digits", "--set", "train.colour=1"], "unknown key 'train.colour'"),

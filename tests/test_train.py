@@ -208,12 +208,16 @@ def test_latest_skips_unreadable_and_nothing_to_resume_is_a_user_error(tmp_path)
         train(config_from_dict(tiny()), tmp_path / "empty", resume="latest", progress=False)
     result = train(config_from_dict(tiny(steps=4)), tmp_path / "run", progress=False)
     (tmp_path / "run" / "checkpoints" / "step_0000009.pt").write_bytes(b"truncated")
-    path, ckpt = ckpt_io.find_latest_checkpoint(tmp_path / "run")
+    with pytest.warns(UserWarning, match=r"skipping unreadable checkpoint .*step_0000009\.pt"):
+        path, ckpt = ckpt_io.find_latest_checkpoint(tmp_path / "run")
     assert path == result.checkpoint and ckpt["step"] == 4
     with pytest.raises(UserError, match="already has checkpoints"):
         train(config_from_dict(tiny(steps=4)), tmp_path / "run", progress=False)
-    with pytest.raises(UserError, match="not a readable checkpoint"):
+    with pytest.raises(UserError, match="is not a checkpoint: it is a text file"):
         read_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000009.pt")
+    (tmp_path / "run" / "checkpoints" / "step_0000010.pt").write_bytes(b"PK\x03\x04\x00\x01")  # a cut-short zip
+    with pytest.raises(UserError, match="is not a checkpoint: it is truncated"):
+        read_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000010.pt")
     with pytest.raises(UserError, match="does not exist"):
         train(config_from_dict(tiny()), tmp_path / "x", resume=str(tmp_path / "nope.pt"), progress=False)
 

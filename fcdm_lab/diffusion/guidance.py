@@ -22,6 +22,12 @@ def guided_model_fn(
     """
     if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
         raise UserError(f"cfg_scale must be a number >= 0 (1 = no guidance), got {cfg_scale}")
+    # Checked whatever the scale, so that a wrong setting fails on a scale-1 test run, not later.
+    in_channels = getattr(getattr(model, "config", None), "in_channels", None)
+    if guidance_channels is not None and in_channels is not None and not 1 <= guidance_channels <= int(in_channels):
+        raise UserError(
+            f"guidance_channels must be between 1 and {in_channels} (None = all), got {guidance_channels}"
+        )
     if cfg_scale == 1.0:
 
         def plain(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -32,11 +38,6 @@ def guided_model_fn(
     if not hasattr(model, "forward_with_cfg"):
         raise UserError(
             f"{type(model).__name__} has no forward_with_cfg: it cannot use classifier-free guidance"
-        )
-    in_channels = int(model.config.in_channels)
-    if guidance_channels is not None and not 1 <= guidance_channels <= in_channels:
-        raise UserError(
-            f"guidance_channels must be between 1 and {in_channels} (None = all), got {guidance_channels}"
         )
     null_label = int(model.config.num_classes)
 

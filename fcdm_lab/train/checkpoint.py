@@ -8,9 +8,13 @@ loads with `torch.load(weights_only=True)`: opening a checkpoint never runs pick
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
+import shutil
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +46,42 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested container: what torch.save will write, give or take."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _no_space(path: Path, needed: int) -> UserError:
+    free = shutil.disk_usage(path.parent).free
+    kept = [str(p) for _, p in list_checkpoints(path.parent.parent)]
+    intact = f"earlier checkpoints are intact (newest: {kept[-1]})" if kept else "no earlier checkpoint exists"
+    return UserError(f"no space left to write checkpoint {path}: it needs about {_mb(needed)}, {_mb(free)} is free "
+                     f"there; {intact}; free some space and resume with --resume latest")
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
 
     A crash (or SIGKILL) mid-write leaves at most a hidden `.tmp-*` file, never a truncated
-    checkpoint under the real name; `os.replace` is atomic within one filesystem.
+    checkpoint under the real name; `os.replace` is atomic within one filesystem. A full disk is a
+    UserError naming the space needed (checked before writing, and when a write fails: torch
+    reports ENOSPC as a bare RuntimeError), and the files already there stay as they were.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    needed = _nbytes(obj) + (1 << 16)  # + pickle and zip headers
+    if shutil.disk_usage(path.parent).free < needed:
+        raise _no_space(path, needed)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP_PREFIX}{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -57,11 +89,18 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        # Full if the filesystem has less room than what was still to be written (measured before
+        # the partial file goes, which gives its space back).
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if isinstance(e, (OSError, RuntimeError)) and not full and os.path.exists(tmp):
+            full = shutil.disk_usage(path.parent).free < needed - os.path.getsize(tmp)
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if full:
+            raise _no_space(path, needed) from None
         raise
     _fsync_dir(path.parent)
     return path
@@ -108,6 +147,14 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise UserError(f"checkpoint {str(path)!r} does not exist")
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} is not a file")
+    if not zipfile.is_zipfile(path):  # torch.save's format since torch 1.6; anything else is refused
+        with open(path, "rb") as f:
+            head = f.read(512)
+        if b"\0" not in head and head.strip():
+            what = f"a text file (starting {head.decode(errors='replace').strip().splitlines()[0][:40]!r})"
+        else:
+            what = "empty" if not head else "truncated or not a file written by torch.save"
+        raise UserError(f"{str(path)!r} is not a checkpoint: it is {what}; pass a step_*.pt file of a run folder")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location=map_location, weights_only=True)
@@ -132,8 +179,10 @@ def find_latest_checkpoint(out_dir: str | os.PathLike) -> tuple[Path, dict] | No
     for _, path in reversed(list_checkpoints(out_dir)):
         try:
             ckpt = read_checkpoint(path)
-        except UserError:
+        except UserError as e:
+            warnings.warn(f"skipping unreadable checkpoint {path}: {e}", stacklevel=2)
             continue
         if is_training_checkpoint(ckpt):
             return path, ckpt
+        warnings.warn(f"skipping {path}: not an fcdm-lab training checkpoint", stacklevel=2)
     return None

@@ -308,10 +308,11 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, resume: str | No
     of a distributed run stops at the same step. One training at a time per out_dir: a second is
     refused while the first runs (an OS file lock, released however the first ends).
     """
-    from accelerate import PartialState
-
     check_output_dir(out_dir)
-    lock = run_folder_lock(out_dir) if PartialState().is_main_process else contextlib.nullcontext()
+    # The global rank from the launcher's environment (torchrun, accelerate launch): the Accelerator
+    # does not exist yet, and creating accelerate's state here would fix it before train() configures it.
+    main = int(os.environ.get("RANK", "0")) == 0
+    lock = run_folder_lock(out_dir) if main else contextlib.nullcontext()
     with lock, stop_on_signals() as stop:
         return _train(cfg, out_dir, stop, resume=resume, tracker=tracker, progress=progress, max_steps=max_steps)
 
