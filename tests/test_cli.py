@@ -82,7 +82,7 @@ def test_blocks_lists_families_and_mixers(capsys):
     (["profile", "FCDM-S", "--pixel", "-r", "30"], "divisible by 4"),
     (["profile", "FCDM-S", "--set", "depth=3"], "unknown --set key 'depth'"),
     (["profile", "FCDM-S", "--set", "kernel=big"], "must be int"),
-    (["profile", "FCDM-S", "--set", "L=two"], "must be an integer"),
+    (["profile", "FCDM-S", "--set", "L=two"], "--set L must be int (a whole number), got 'two'"),
     (["profile", "FCDM-S", "-r", "abc"], "Invalid value for '--resolution'"),
     (["profile", "DiT-S/2", "--set", "kernel=5"], "unknown --set key 'kernel'"),
     (["profile", "FCDM-S", "--match", "depth"], "valid: ratio, ffn_ratio, width"),

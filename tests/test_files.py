@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fcdm_lab.config import EXPERIMENTS_DIR, apply_overrides, config_from_dict, experiment_names, load_experiment
+from fcdm_lab.config import (EXPERIMENTS_DIR, apply_overrides, config_from_dict, experiment_data, experiment_names,
+                             load_experiment)
 from fcdm_lab.errors import UserError
 from fcdm_lab.models.build import build_model
 from fcdm_lab.models.matching import TOLERANCE
@@ -112,8 +113,7 @@ def test_study_file_parses_and_builds(name):
     if study_kind(path) == "sweep":
         # Optuna sweeps are run and tested by the sweep module; here: the base and its overrides load.
         data = tomllib.loads(path.read_text())
-        base = tomllib.loads((EXPERIMENTS_DIR / f"{data['base']}.toml").read_text())
-        config_from_dict(apply_overrides(base, flatten_overrides(data.get("set", {}), name)))
+        config_from_dict(apply_overrides(experiment_data(data["base"]), flatten_overrides(data.get("set", {}), name)))
         with pytest.raises(UserError, match="is a sweep"):
             load_study(name)
         return

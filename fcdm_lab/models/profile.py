@@ -57,9 +57,11 @@ def split_overrides(name: str, overrides: Dict[str, Any]) -> tuple[Dict[str, Any
         else:
             valid = sorted(model_keys | (block_keys if fcdm else set()))
             raise UserError(f"unknown --set key {key!r} for {name}; valid: {choices(valid)}")
+    from ..config import check_value  # the one coercion policy of experiment files
+
     for key in ("L", "C"):
-        if key in model_kw and (not isinstance(model_kw[key], int) or isinstance(model_kw[key], bool)):
-            raise UserError(f"--set {key} must be an integer, got {model_kw[key]!r}")
+        if key in model_kw:
+            model_kw[key] = check_value(f"--set {key}", model_kw[key], int)
     return model_kw, block_kw
 
 
