@@ -34,6 +34,7 @@ class ModelConfig:
     match_target_gmacs: Optional[float] = None  # explicit target instead of the default block's
     learn_sigma: bool = True
     class_dropout_prob: float = 0.1
+    label_dropout: str = "shared"          # FCDM: per_level (the reference's: each width's embedder drops on its own) | shared (one draw)
     grad_checkpointing: bool = False
 
 
@@ -246,6 +247,7 @@ def validate(cfg: ExperimentConfig) -> None:
             raise UserError(f"{key} = {value!r} is not valid; choose one of: {choices(valid)}")
 
     one_of("diffusion.objective", cfg.diffusion.objective, OBJECTIVES)
+    one_of("model.label_dropout", cfg.model.label_dropout, ("per_level", "shared"))  # models.fcdm.LABEL_DROPOUT (not imported: slow)
     one_of("train.mixed_precision", cfg.train.mixed_precision, ("no", "fp16", "bf16"))
     if cfg.model.match_flops is not None:
         from .models.matching import KNOBS

@@ -9,7 +9,6 @@ import scipy.linalg
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
@@ -19,6 +18,8 @@ from fcdm_lab.errors import UserError
 from fcdm_lab.eval import fidelity
 from fcdm_lab.eval.fidelity import compute_metrics
 from fcdm_lab.eval.samples_io import from_uint8, load_samples, save_npz, save_png_folder, to_uint8
+
+from _fidelity_standin import StandInInception
 
 
 @pytest.fixture(scope="module")
@@ -253,43 +254,6 @@ def test_inception_offline_error_is_fast_and_says_how(tmp_path, monkeypatch, dig
         assert needed in msg
     with pytest.raises(UserError, match="does not exist"):
         compute_metrics(x_test[:8], x_train[:8], extractor="inception", inception_weights=tmp_path / "nope.pth")
-
-
-class StandInInception(FeatureExtractorBase):
-    """Cheap stand-in for inception-v3-compat (its real weights need the internet): the same input
-    contract (uint8, exactly 3 channels, any size) and feature names; features are a fixed random
-    projection of the 8x8-pooled image, 64-d despite the name "2048" (FID's eigendecomposition of
-    2048x2048 matrices costs seconds on a CPU)."""
-    weights_paths = []
-
-    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
-        super().__init__(name, features_list)
-        StandInInception.weights_paths.append(feature_extractor_weights_path)
-        g = torch.Generator().manual_seed(0)
-        self.register_buffer("proj", torch.randn(3 * 64, 64, generator=g) / 14)
-        self.register_buffer("cls", torch.randn(64, 1008, generator=g) / 8)
-
-    @staticmethod
-    def get_provided_features_list():
-        return "2048", "logits_unbiased"
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {"isc": "logits_unbiased", "fid": "2048", "kid": "2048", "prc": "2048"}[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
-
-    def forward(self, x):
-        assert x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3, (x.dtype, x.shape)
-        h = torch.tanh(torch.nn.functional.adaptive_avg_pool2d(x.float() / 128 - 1, 8).flatten(1) @ self.proj)
-        out = {"2048": h, "logits_unbiased": h @ self.cls}
-        return tuple(out[n] for n in self.features_list)
 
 
 def test_inception_path_names_channels_and_weights_cache(tmp_path, monkeypatch, digits_u8):

@@ -141,11 +141,12 @@ def evaluate_model(model: torch.nn.Module, cfg, *, num_samples: int | None = Non
                    reference=None, sampler: str | None = None, steps: int | None = None, cfg_scale: float | None = None,
                    inception_weights=None, seed: int = 0, batch_size: int | None = None, device="cpu",
                    tracker=None, step: int | None = None, weights: str = "ema", data_info: Mapping | None = None,
-                   save_dir=None, progress: bool = True) -> Dict[str, float]:
+                   save_dir=None, progress: bool = True, objective=None, vae=None) -> Dict[str, float]:
     """Sample `num_samples` images from a loaded model (settings default to cfg.eval), compute
     `metrics` and, with a tracker, log them at `step` with the sample grid and tag eval.weights.
     `weights` ("ema" | "raw") only labels what the model holds; `data_info` (the trainer's) names
-    the VAE of latent models. Returns {metric: value} (KID/IS with their _std companions)."""
+    the VAE of latent models (`vae`: another one). `objective`: the diffusion objective (default:
+    cfg's). Returns {metric: value} (KID/IS with their _std companions)."""
     from ..inference import IMAGE_CHANNELS, generate, load_vae_for, objective_for
 
     ev = cfg.eval
@@ -157,10 +158,10 @@ def evaluate_model(model: torch.nn.Module, cfg, *, num_samples: int | None = Non
     inception_weights = inception_weights or ev.inception_weights
     if plan_metrics(metrics)["inception"] and inception_weights and not Path(inception_weights).expanduser().is_file():
         raise UserError(f"Inception weights file {str(inception_weights)!r} does not exist")  # before sampling
-    objective = objective_for(cfg, model)
-    vae, scale = None, None
-    if (data_info or {}).get("vae") or int(model.config.in_channels) not in IMAGE_CHANNELS:
-        vae, scale = load_vae_for(dict(data_info or {}), None, device)
+    objective = objective or objective_for(cfg, model)
+    scale = None
+    if vae is not None or (data_info or {}).get("vae") or int(model.config.in_channels) not in IMAGE_CHANNELS:
+        vae, scale = load_vae_for(dict(data_info or {}), vae, device)
 
     start = time.time()
     # labels None: classes cycle 0..K-1, a balanced sample set
@@ -189,22 +190,48 @@ def evaluate_checkpoint(checkpoint, *, num_samples: int | None = None, metrics: 
                         reference=None, sampler: str | None = None, steps: int | None = None,
                         cfg_scale: float | None = None, use_ema: bool = True, inception_weights=None, seed: int = 0,
                         run_id: str | None = None, uri: str | None = None, batch_size: int | None = None,
-                        tracker=None, progress: bool = True, console=None) -> Dict[str, float]:
+                        tracker=None, progress: bool = True, console=None, protocol: str | None = None,
+                        samples=None, vae=None, objective: str | None = None, time_scale: float | None = None,
+                        guidance_channels: int | None | str = "protocol", out_dir=None, tf32: bool = True,
+                        track: bool = True) -> Dict[str, float]:
     """The `fcdm-lab evaluate` library function: load a checkpoint (EMA weights unless use_ema=False),
     sample, compute metrics and log them into its training run (`run_id`, else the one recorded in
     the training folder's mlflow_run.json), or into a new evaluation run tagged with the source
-    when the training run is unknown. Returns {metric: value}."""
+    when the training run is unknown (track=False: log nothing). Returns {metric: value}.
+
+    protocol="adm": the paper's FID-50K protocol (eval/protocol.py): sampled into resumable shards
+    under `out_dir` (default <run>/eval/adm-...), metrics fid50k, is50k, precision50k, recall50k;
+    `samples` (a folder or .npz) scores existing samples instead (no checkpoint needed). The
+    objective (and flow time scale) is the checkpoint's (config or reference args) unless `objective`
+    / `time_scale` are given; `vae` decodes latents; tf32: TF32 CUDA math (the reference's setting).
+    """
+    from ..accel import configure_tf32
     from ..tracking import RunPointer, attach_run, get_client, tracked_run
-    from ..inference import load_checkpoint
+    from ..inference import load_checkpoint, objective_for
 
     say = console.print if console is not None else (print if progress else (lambda *a, **k: None))
+    if protocol is not None or samples is not None:
+        from .protocol import get_protocol
+
+        protocol = get_protocol(protocol or "adm").name
+    if checkpoint is None:
+        if samples is None:
+            raise UserError("give a checkpoint to evaluate (--checkpoint) or existing samples to score (--samples)")
+        from .protocol import evaluate_protocol
+
+        return _log_samples_eval(samples, lambda tr: evaluate_protocol(
+            reference=reference, protocol=protocol, samples=samples, inception_weights=inception_weights,
+            tracker=tr, progress=progress), track=track, uri=uri, say=say)
     path = Path(checkpoint)
     if not path.exists():
         raise UserError(f"checkpoint {str(path)!r} does not exist (a training folder's checkpoints/step_*.pt "
                         f"or ema.safetensors)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        configure_tf32(tf32)
     model, cfg, info = load_checkpoint(path, use_ema=use_ema, device=device)
     info = dict(info or {})
+    obj = objective_for(cfg, model, info, objective=objective, time_scale=time_scale)
     data_info = info.get("data_info") or {}
     if cfg is None:  # a reference checkpoint: no recorded config, evaluation settings from the defaults
         from ..config import ExperimentConfig
@@ -214,13 +241,39 @@ def evaluate_checkpoint(checkpoint, *, num_samples: int | None = None, metrics: 
     weights = "ema" if info.get("weights", "ema" if use_ema else "model") == "ema" else "raw"
     step = info.get("step")
     say(f"Evaluating the {'EMA' if weights == 'ema' else 'raw (non-EMA)'} weights of {path}"
-        + (f" (step {step})" if step is not None else ""))
-    kwargs = dict(num_samples=num_samples, metrics=metrics, reference=reference, sampler=sampler, steps=steps,
-                  cfg_scale=cfg_scale, inception_weights=inception_weights, seed=seed, batch_size=batch_size,
-                  step=step, weights=weights, data_info=data_info, save_dir=_eval_dir(path),
-                  device=device, progress=progress)
-    if tracker is not None:
-        return evaluate_model(model, cfg, tracker=tracker, **kwargs)
+        + (f" (step {step})" if step is not None else "") + f" ({obj.name}"
+        + (f", time scale {obj.time_scale:g}" if obj.name == "flow" else "")
+        + f", from {'the command line' if objective or time_scale else (info.get('diffusion') or {}).get('source', 'config')})")
+    if protocol is not None:
+        from ..inference import IMAGE_CHANNELS, load_vae_for
+        from .protocol import evaluate_protocol
+
+        scale = None
+        if vae is not None or int(model.config.in_channels) not in IMAGE_CHANNELS:
+            vae, scale = load_vae_for(data_info, vae, device)
+        reference = reference or cfg.eval.reference
+        folder = Path(out_dir) if out_dir is not None else _eval_dir(path) / (
+            f"{protocol}-{weights}-step{step or 0}-cfg{cfg_scale or 1.0:g}-seed{seed}")
+        pkw = dict(reference=reference, protocol=protocol, model=model, objective=obj, samples=samples,
+                   out_dir=folder, inception_weights=inception_weights or cfg.eval.inception_weights,
+                   step=step, weights=weights, progress=progress, num_samples=num_samples,
+                   cfg_scale=1.0 if cfg_scale is None else cfg_scale, guidance_channels=guidance_channels,
+                   sampler=sampler, steps=steps, batch_size=batch_size or cfg.eval.batch_size, seed=seed,
+                   device=device, vae=vae, latent_scale=scale,
+                   source={"checkpoint": str(path.resolve()), "weights": weights, "step": step})
+
+        def run(tr):
+            return evaluate_protocol(tracker=tr, **pkw)
+    else:
+        kwargs = dict(num_samples=num_samples, metrics=metrics, reference=reference, sampler=sampler, steps=steps,
+                      cfg_scale=cfg_scale, inception_weights=inception_weights, seed=seed, batch_size=batch_size,
+                      step=step, weights=weights, data_info=data_info, save_dir=_eval_dir(path),
+                      device=device, progress=progress, objective=obj, vae=vae)
+
+        def run(tr):
+            return evaluate_model(model, cfg, tracker=tr, **kwargs)
+    if tracker is not None or not track:
+        return run(tracker)
 
     pointer = RunPointer.find(path)
     target = None
@@ -241,13 +294,26 @@ def evaluate_checkpoint(checkpoint, *, num_samples: int | None = None, metrics: 
     else:
         get_client(uri)  # probe the store before sampling, not after
     if target is not None:
-        values = evaluate_model(model, cfg, tracker=target, **kwargs)
+        values = run(target)
         say(f"Logged to run {target.run_id}")
         return values
     tags = {"kind": "evaluation", "fcdm.source_checkpoint": str(path.resolve()),
             "fcdm.source_run": pointer.run_id if pointer else None}
     with tracked_run(f"eval-{cfg.name}", uri=uri, tags=tags) as tr:
-        values = evaluate_model(model, cfg, tracker=tr, **kwargs)
+        values = run(tr)
+    say(f"Logged to new run {tr.run_id}")
+    return values
+
+
+def _log_samples_eval(samples, run, *, track: bool, uri: str | None, say) -> Dict[str, float]:
+    """Score existing samples (no checkpoint) into a new evaluation run (or none: track=False)."""
+    if not track:
+        return run(None)
+    from ..tracking import tracked_run
+
+    tags = {"kind": "evaluation", "fcdm.source_samples": str(Path(samples).resolve())}
+    with tracked_run(f"eval-{Path(samples).stem}", uri=uri, tags=tags) as tr:
+        values = run(tr)
     say(f"Logged to new run {tr.run_id}")
     return values
 

@@ -20,6 +20,7 @@ import urllib.error
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torch_fidelity import calculate_metrics
@@ -35,7 +36,7 @@ from fcdm_lab.eval.classifier import (
     classifier_cache_path,
     get_classifier,
 )
-from fcdm_lab.eval.samples_io import check_images_uint8, from_uint8, load_samples, to_uint8
+from fcdm_lab.eval.samples_io import NPZ_KEYS, check_images_uint8, from_uint8, load_samples, to_uint8
 
 DIGITS_EXTRACTOR = "digits-cnn"
 FASHION_EXTRACTOR = "fashion-cnn"
@@ -194,6 +195,47 @@ def _inception_weights(inception_weights) -> Path:
     return path
 
 
+def reference_statistics(reference) -> dict | None:
+    """{"mu", "sigma", "has_images"} of an .npz reference that carries precomputed FID statistics, as
+    the ADM reference batches do (Inception pool3 statistics of the whole training set, next to 10k
+    sample images under arr_0); None for anything else."""
+    if not isinstance(reference, (str, os.PathLike)) or Path(reference).suffix != ".npz" \
+            or not Path(reference).is_file():
+        return None
+    try:
+        with np.load(reference) as data:
+            if "mu" not in data.files or "sigma" not in data.files:
+                return None
+            mu, sigma = np.asarray(data["mu"]), np.asarray(data["sigma"])
+            has_images = any(k in data.files for k in NPZ_KEYS)
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f"cannot read reference {str(reference)!r} as .npz: {e}") from None
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise UserError(f"reference {str(reference)!r}: mu must be (d,) and sigma (d, d); got {mu.shape} and "
+                        f"{sigma.shape}")
+    return {"mu": mu, "sigma": sigma, "has_images": has_images}
+
+
+def _seed_reference_statistics(stats: dict, ref_id: str, cache: Path) -> str:
+    """Put precomputed reference statistics where torch-fidelity looks for the reference's cached FID
+    statistics, so its own FID path uses them instead of statistics of the reference's images
+    (torch-fidelity has no option for precomputed statistics; its cache is the documented way in).
+    Returns the cache id to pass as the reference's (input2) cache name."""
+    digest = hashlib.sha256(stats["mu"].tobytes() + stats["sigma"].tobytes()).hexdigest()[:16]
+    ref_id = hashlib.sha256(f"{ref_id}:stats-{digest}".encode()).hexdigest()[:16]
+    extractor = INCEPTION_EXTRACTOR
+    layer = FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
+    path = cache / f"ref-{ref_id}-{extractor}-stat-fid-{layer}.pt"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        # the dtypes torch-fidelity computes for the samples (float32 features: float32 mu, float64
+        # sigma); its FID refuses statistics of different dtypes
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"mu": stats["mu"].astype(np.float32), "sigma": stats["sigma"].astype(np.float64)}, tmp)
+        os.replace(tmp, path)
+    return ref_id
+
+
 def _count_tag(n: int) -> str:
     """5000 -> '5k', 50000 -> '50k', 1234 -> '1234'."""
     return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
@@ -232,7 +274,14 @@ def compute_metrics(samples, reference, *, extractor: str = "digits", metrics: I
         raise UserError(f"nothing to compute: give metrics (valid: {choices(METRICS)}) or labels")
 
     fake = resolve_images(samples, "samples")
-    real = resolve_images(reference, "reference")
+    stats = reference_statistics(reference) if extractor == "inception" else None
+    if stats is not None and not stats["has_images"]:
+        if set(metrics) - {"fid", "is"}:
+            raise UserError(f"reference {str(reference)!r} holds FID statistics (mu, sigma) but no images: "
+                            f"kid and precision/recall need the images; ask for fid and is only")
+        real = fake  # a placeholder torch-fidelity never reads: the FID statistics come from the cache
+    else:
+        real = resolve_images(reference, "reference")
     out: dict[str, float] = {}
     if labels is not None:
         out[f"class_acc_{extractor}"] = class_consistency(fake, labels, name=extractor)
@@ -265,6 +314,8 @@ def compute_metrics(samples, reference, *, extractor: str = "digits", metrics: I
 
     ref_id = hashlib.sha256(f"{fingerprint(real)}:{weights_id}".encode()).hexdigest()[:16]
     cache = Path(cache_dir) if cache_dir is not None else cache_root() / "fidelity"
+    if stats is not None and "fid" in metrics:
+        ref_id = _seed_reference_statistics(stats, ref_id, cache)
     result = calculate_metrics(
         input1=UInt8Images(fake), input2=UInt8Images(real),
         feature_extractor=EXTRACTORS[extractor],

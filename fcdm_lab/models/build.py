@@ -26,7 +26,7 @@ def model_kwargs(model_cfg, *, input_size: int, in_channels: int, num_classes: i
         C = model_cfg.C if model_cfg.C is not None else meta.get("C")
         if L is None or C is None:
             raise UserError(f"model {model_cfg.name!r} needs model.L and model.C (or use a preset: FCDM-S, FCDM-B, FCDM-L, FCDM-XL)")
-        kw.update(L=L, C=C, block=model_cfg.block)
+        kw.update(L=L, C=C, block=model_cfg.block, label_dropout=model_cfg.label_dropout)
     else:
         if model_cfg.L is not None or model_cfg.C is not None or model_cfg.match_flops:
             raise UserError(f"model.L, model.C and model.match_flops apply to FCDM models only, not {model_cfg.name!r}")
