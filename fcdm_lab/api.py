@@ -63,49 +63,54 @@ def _download_run_model(run_id: str, tracking_uri: str | None) -> Path:
     raise UserError(f"MLflow run {run_id} has no model artifact (pipeline/ or weights/); only training runs do")
 
 
-def load_model(source: str | os.PathLike, *, device: str = "cpu", use_ema: bool = True,
-               tracking_uri: str | None = None):
-    """A trained model in eval mode: `source` is a run folder, a diffusers model/pipeline folder, a
-    checkpoint file (ours or a reference FCDM one), an `ema.safetensors`, or an MLflow run id."""
-    from .models.pretrained import load_pretrained, model_folder
+def _load(source, device, use_ema: bool, tracking_uri: str | None):
+    """(model, config or None, info or None) from anything `load_model` takes."""
     from .inference import load_checkpoint
+    from .models.pretrained import load_pretrained, model_folder
 
     path = Path(os.fspath(source))
     if not path.exists():
         if not RUN_ID.match(str(source)):
             raise UserError(f"{str(source)!r} is neither a file or folder nor an MLflow run id (32 hex digits)")
         path = _download_run_model(str(source), tracking_uri)
-    if path.is_dir() and model_folder(path) is not None and (use_ema or not (path / "checkpoints").is_dir()):
-        return load_pretrained(path, device=device)  # the EMA weights in diffusers layout
-    model, _cfg, _info = load_checkpoint(path, use_ema=use_ema, device=device)
-    return model
+    if path.is_dir() and model_folder(path) is not None and not (path / "checkpoints").is_dir():
+        return load_pretrained(path, device=device), None, None  # a diffusers folder: EMA weights, DDPM
+    return load_checkpoint(path, use_ema=use_ema, device=device)  # a run folder also gives its config
+
+
+def load_model(source: str | os.PathLike, *, device: str = "cpu", use_ema: bool = True,
+               tracking_uri: str | None = None):
+    """A trained model in eval mode: `source` is a run folder, a diffusers model/pipeline folder, a
+    checkpoint file (ours or a reference FCDM one), an `ema.safetensors`, or an MLflow run id."""
+    return _load(source, device, use_ema, tracking_uri)[0]
 
 
 def sample(model: Any, *, num: int | None = None, class_labels: Any = None, sampler: str | None = None,
            steps: int | str | None = None, cfg_scale: float = 1.0, seed: int = 0, device: str | None = None,
-           objective: str = "ddpm", batch_size: int = 64, vae: Any = None):
+           objective: str | None = None, batch_size: int = 64, vae: Any = None, tracking_uri: str | None = None):
     """Class-conditional samples as a uint8 tensor (N, C, H, W), like `fcdm-lab sample` (same seed,
-    same images). model: a model or anything `load_model` takes. num: default one per class label
-    (or one per class). sampler/steps: ddpm | ddim (250 steps) or, for objective="flow", euler | heun."""
+    same images). model: a model or anything `load_model` takes (then its recorded objective is used;
+    a bare model samples with DDPM unless objective="flow"). num: default one per class label (or one
+    per class). sampler/steps: ddpm | ddim (250 steps) or euler | heun for flow models."""
     import torch
 
-    from .diffusion import create_objective
-    from .inference import generate, load_vae_for
+    from .inference import generate, load_vae_for, objective_for
 
+    cfg, info = None, None
     if not isinstance(model, torch.nn.Module):
-        model = load_model(model, device=device or "cpu")
-    labels = list(class_labels) if class_labels is not None and not isinstance(class_labels, int) else class_labels
+        model, cfg, info = _load(model, device or "cpu", True, tracking_uri)
+    labels = list(class_labels) if class_labels is not None and not isinstance(class_labels, (int, str)) \
+        else class_labels
     if num is None:
         num = len(labels) if isinstance(labels, list) and labels else (1 if isinstance(labels, int)
                                                                        else int(model.config.num_classes))
-    learn_sigma = bool(getattr(model.config, "learn_sigma", True))
-    obj = create_objective(objective, learn_sigma=learn_sigma) if objective == "ddpm" else create_objective(objective)
     latent_scale = None
     if vae is not None:
         vae, latent_scale = load_vae_for(None, vae, device or "cpu")
-    images, _labels = generate(model, obj, num=num, class_labels=labels, sampler=sampler, steps=steps,
-                               cfg_scale=cfg_scale, seed=seed, device=device, batch_size=batch_size, vae=vae,
-                               latent_scale=latent_scale, progress=False)
+    images, _labels = generate(model, objective_for(cfg, model, info, objective=objective), num=num,
+                               class_labels=labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
+                               device=device, batch_size=batch_size, vae=vae, latent_scale=latent_scale,
+                               progress=False)
     return images
 
 
