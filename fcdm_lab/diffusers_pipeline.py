@@ -85,7 +85,7 @@ class FCDMPipeline(DiffusionPipeline):
         PIL images), "np" (float NHWC in [0, 1]), "pt" (uint8 NCHW), "latent" (the model-space samples).
         """
         from .diffusion import guided_model_fn
-        from .train.sampling import IMAGE_CHANNELS, decode_and_quantize
+        from .inference import IMAGE_CHANNELS, decode_and_quantize
 
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"unknown output_type {output_type!r}; choose one of: {choices(OUTPUT_TYPES)}")
