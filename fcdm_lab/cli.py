@@ -150,12 +150,14 @@ def train(
         from .train import train as train_fn
 
         result, run_id = train_fn(cfg, out_dir, resume=resume, max_steps=max_steps), None
-    if result is not None:
+    from .tracking import browse_hint, is_main_process
+
+    if result is not None and is_main_process():  # under `accelerate launch` every process gets here
         console.print(f"[bold green]done[/]: {result.step} steps in {result.wall_time_s:.0f} s "
                       f"({result.images_per_s:.0f} images/s), final loss {result.final_loss:.4f}")
         console.print(f"checkpoint: {result.checkpoint}")
         if run_id:
-            console.print(f"MLflow run {run_id}: browse with `fcdm-lab ui`")
+            console.print(browse_hint(run_id, tracking_uri), highlight=False, soft_wrap=True)  # a link stays whole
 
 
 @app.command()

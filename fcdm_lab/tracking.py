@@ -561,9 +561,11 @@ def train_tracked(cfg, out_dir, *, uri: str | None = None, resume=None, run_name
 
     checked = preflight(cfg, out_dir, resume=resume)  # a refused run leaves no run, folder or pointer
     uri = resolve_tracking_uri(uri)
-    get_client(uri)  # probe the store before training
+    main = is_main_process()  # under `accelerate launch` only the main process touches the store: two
+    if main:                  # processes creating a fresh SQLite store at once would collide
+        get_client(uri)  # probe the store before training
     with tracked_run(run_name or cfg.name, uri=uri, experiment=experiment, tags=tags, parent_run_id=parent_run_id,
-                     run_id=_resumable_run_id(out_dir, uri, checked.resume)) as tracker:
+                     run_id=_resumable_run_id(out_dir, uri, checked.resume) if main else None) as tracker:
         out = run_pipeline(tracker, cfg, out_dir, resume=checked.resume, progress=progress, max_steps=max_steps,
                            evaluate=evaluate)
     return out.train, tracker.run_id
