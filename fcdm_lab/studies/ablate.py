@@ -317,12 +317,16 @@ def _requeue_missing(study, plan: StudyPlan) -> int:
 # Launcher and workers
 # ---------------------------------------------------------------------------------------------
 
-def _prepare(name: str, *, seeds, steps, overrides, uri, storage) -> tuple:
+def _prepare(name: str, *, seeds, steps, overrides, uri, storage, probe: bool = False) -> tuple:
+    """Everything checked before anything is created: the study file, every child's config, the
+    URLs (the tracking store probed when `probe`), every variant's model and the data."""
     spec = load_study(name)
     plan = plan_study(spec, seeds=seeds, steps=steps, overrides=overrides)  # every config checked first
-    _check_variants(plan)
     storage_url = check_storage_url(storage or DEFAULT_STORAGE)
     uri = resolve_tracking_uri(uri)
+    if probe:
+        get_client(uri)  # an unreachable store fails here, in seconds
+    _check_variants(plan)
     return spec, plan, storage_url, uri
 
 
@@ -364,8 +368,8 @@ def run_ablation(name: str, *, seeds: int | None = None, steps: int | None = Non
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
     spec, plan, storage_url, uri = _prepare(name, seeds=seeds, steps=steps, overrides=overrides, uri=uri,
-                                            storage=storage)
-    client = get_client(uri)  # an unreachable store fails here, before any training
+                                            storage=storage, probe=True)
+    client = get_client(uri, probe=False)
     exp_id = experiment_id(client, experiment)
     storage_text = redact(storage_url)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -401,8 +405,8 @@ def run_ablation(name: str, *, seeds: int | None = None, steps: int | None = Non
             run_ablation_worker(console=console, threads=threads_per_worker(1), **kwargs)
         else:
             codes = run_workers("ablation", kwargs, n)
-            if any(c not in (0, None) for c in codes) and all(c in (130, -2) for c in codes if c):
-                raise KeyboardInterrupt
+            if any(c in (130, 143) for c in codes):  # the workers were stopped by a signal
+                raise KeyboardInterrupt(f"a worker was stopped (exit codes {codes})")
     except BaseException as e:
         _close_children(client, exp_id, parent_id, study, STATUS_KILLED)
         client.set_terminated(parent_id, STATUS_KILLED if isinstance(e, KeyboardInterrupt) else STATUS_FAILED)

@@ -24,11 +24,12 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Protocol
+from typing import Any, Callable, Dict, List, Protocol
 
 PARENT_ATTR = "mlflow_parent_run_id"       # Optuna study user attrs shared by every worker
 URI_ATTR = "mlflow_tracking_uri"
@@ -106,6 +107,17 @@ def fail_stale(study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+def _tell(study, trial, values=None, state=None) -> None:
+    """study.tell outside study.optimize: a sampler that calls study.stop() when its space is
+    exhausted (GridSampler) raises RuntimeError there; the trial's state is stored before that
+    (Optuna's tell sets it in a `finally`), and `Job.claim` decides when to stop."""
+    try:
+        study.tell(trial, values, state=state)
+    except RuntimeError as e:
+        if "Study.stop" not in str(e):
+            raise
+
+
 @dataclass
 class WorkReport:
     ran: List[int] = field(default_factory=list)         # trial numbers this worker ran
@@ -133,17 +145,17 @@ def work(study, job: Job, *, console=None, poll_s: float = POLL_S) -> WorkReport
             with heartbeat(study, trial):
                 values = job.run(trial)
         except optuna.TrialPruned:
-            study.tell(trial, state=TrialState.PRUNED)
+            _tell(study, trial, state=TrialState.PRUNED)
         except Exception as e:
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:1000])
-            study.tell(trial, state=TrialState.FAIL)
+            _tell(study, trial, state=TrialState.FAIL)
             report.failed.append(f"trial {trial.number}: {e}")
         except BaseException:  # KeyboardInterrupt, SystemExit, signals: FAIL so a rerun retries it
             trial.set_user_attr("error", "interrupted")
-            study.tell(trial, state=TrialState.FAIL)
+            _tell(study, trial, state=TrialState.FAIL)
             raise
         else:
-            study.tell(trial, values)
+            _tell(study, trial, values)
         after = getattr(job, "after", None)  # optional: a line per finished trial
         if after is not None:
             after(study, trial.number)
@@ -194,21 +206,25 @@ def _worker_main(args: WorkerArgs) -> None:
 
     from ..errors import UserError
 
+    from ..signals import raise_on_signals
+
     console = Console(stderr=False)
     try:
-        if args.kind == "ablation":
-            from .ablate import run_ablation_worker
+        # a scheduler's SIGTERM / SIGUSR1 becomes an interrupt (trial FAIL, run KILLED), as Ctrl-C does
+        with raise_on_signals():
+            if args.kind == "ablation":
+                from .ablate import run_ablation_worker
 
-            run_ablation_worker(console=console, worker=args.index, **args.kwargs)
-        else:
-            from .sweep import run_sweep_worker
+                run_ablation_worker(console=console, worker=args.index, **args.kwargs)
+            else:
+                from .sweep import run_sweep_worker
 
-            run_sweep_worker(console=console, worker=args.index, **args.kwargs)
+                run_sweep_worker(console=console, worker=args.index, **args.kwargs)
     except UserError as e:
         console.print(f"[red]worker {args.index}:[/] {e}", highlight=False)
         sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        sys.exit(getattr(e, "exit_code", 130))
 
 
 def run_workers(kind: str, kwargs: Dict[str, Any], workers: int) -> List[int]:
@@ -224,7 +240,13 @@ def run_workers(kind: str, kwargs: Dict[str, Any], workers: int) -> List[int]:
     try:
         for p in procs:
             p.join()
-    except BaseException:  # Ctrl+C reached the workers too: let them fail their trials and end their runs
+    except BaseException:  # a stop signal: let the workers fail their trials and end their runs
+        deadline = time.time() + 10  # Ctrl-C reached them too (one process group): give them time first
+        for p in procs:
+            p.join(max(0.0, deadline - time.time()))
+        for p in procs:  # a signal sent to this process only (kill PID): pass it on
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
         for p in procs:
             p.join(60)
         raise

@@ -15,7 +15,6 @@ as metrics and tags. The rich table itself is rendered in display.py.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

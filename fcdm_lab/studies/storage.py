@@ -45,6 +45,26 @@ def redact(url: str) -> str:
         return url
 
 
+def pasteable(url: str) -> tuple[str, str | None]:
+    """(URL, environment variable or None) for a command a person pastes, e.g. `optuna-dashboard URL`:
+    the password is neither printed nor masked into uselessness, it comes from the environment.
+    libpq (psycopg, psycopg2) reads $PGPASSWORD itself when the URL has none; other drivers get
+    "$STORAGE_PASSWORD" inside a double-quoted URL, which the shell fills in."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+    except Exception:
+        return url, None
+    if parsed.password is None:
+        return url, None
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("psycopg", "psycopg2"):
+        return parsed._replace(password=None).render_as_string(hide_password=False), "PGPASSWORD"
+    marker = "STORAGEPASSWORDMARKER"
+    text = parsed.set(password=marker).render_as_string(hide_password=False)
+    return '"' + text.replace(marker, "$STORAGE_PASSWORD") + '"', "STORAGE_PASSWORD"
+
+
 def check_storage_url(url: str | None) -> str:
     """Syntax, dialect and driver of a storage URL, checked without connecting or importing Optuna
     (so a typo fails at once, before any model is built)."""

@@ -23,322 +23,29 @@ use one torch thread each (`--set train.threads=1`).
 
 Training is deterministic given `train.seed`, so a point proposed a second time (samplers do that
 in small discrete spaces) reuses the finished trial's values instead of training again.
+
+Split by job: sweep_file.py (reading sweep files), storage.py (Optuna storages), engine.py (the
+worker processes and their loop, shared with ablations), sweep_results.py (tables and the Pareto
+plot), display.py (the rich table); this module holds the trial objective and the sweep itself.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import hashlib
-import json
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from ..config import ExperimentConfig, load_experiment, resolve_experiment_path, resolve_named_file, read_toml
+from ..config import ExperimentConfig, check_name, load_experiment
 from ..errors import UserError, choices
 from .engine import PARENT_ATTR, URI_ATTR, claim_waiting, run_workers, work
-from .storage import DEFAULT_STORAGE, STORAGE_FORMS, check_storage_url, open_storage, redact, sqlite_init_lock
-from .spec import (STUDIES_DIR, SECTIONS, flatten_overrides, lower_is_better, model_info_for, normalize_overrides,
-                   strict_table, typed_value)
-
-SAMPLERS = ("nsga2", "tpe", "random", "grid")
-PRUNERS = ("none", "median", "hyperband")
-DIRECTIONS = ("minimize", "maximize")
-PARAM_TYPES = ("int", "float", "categorical")
-SHORT_KEYS = {"L": "model.L", "C": "model.C"}          # space names that stand for experiment keys
-MODEL_METRICS = ("gmacs", "params")                    # known before training (meta-device build)
-TRAIN_METRICS = ("final_loss", "images_per_s", "wall_time_s")
-HIGHER_IS_BETTER = ("images_per_s",)
-SPEC_ATTR = "sweep_spec"
-
-SWEEP_KEYS: Dict[str, tuple] = {
-    "kind": (str, True, 'must be "sweep"'),
-    "description": (str, False, "one line saying what the sweep asks"),
-    "base": (str, True, "an experiment name in experiments/ or a path (relative to the sweep file)"),
-    "trials": (int, False, "the study's target number of trials (default 8)"),
-    "objectives": (list, True, "[{metric, direction}] (one, or two for a Pareto front)"),
-    "sampler": (str, False, f"{' | '.join(SAMPLERS)} (default tpe)"),
-    "pruner": (str, False, f"{' | '.join(PRUNERS)} (default none; single objective only)"),
-    "budget": (dict, True, "{steps = N} or {compute = GMACs x steps}"),
-    "eval_every": (int, False, "intermediate evaluation every N steps (0 = only at the end)"),
-    "set": (dict, False, "experiment overrides applied to every trial"),
-    "space": (dict, True, "the space table: NAME = {type, low, high, step, log, choices}"),
-    "seed": (int, False, "sampler seed (the worker that creates the study)"),
-    "population": (int, False, "NSGA-II population size (default: trials // 2, at least 2, at most 50)"),
-}
-PARAM_KEYS = {
-    "int": ("type", "low", "high", "step", "log"),
-    "float": ("type", "low", "high", "step", "log"),
-    "categorical": ("type", "choices"),
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# The sweep file
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Objective:
-    metric: str
-    direction: str          # minimize | maximize
-
-
-@dataclass
-class Param:
-    name: str               # as written in [space] and shown in tables ("L", "C", "train.lr")
-    key: str                # the experiment key it sets ("model.L")
-    type: str               # int | float | categorical
-    low: Any = None
-    high: Any = None
-    step: Any = None
-    log: bool = False
-    choices: Optional[list] = None
-
-    def suggest(self, trial) -> Any:
-        if self.type == "int":
-            return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1, log=self.log)
-        if self.type == "float":
-            return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
-        return trial.suggest_categorical(self.name, self.choices)
-
-    def grid(self) -> list:
-        """Every value (the grid sampler's axis); only for discrete parameters."""
-        if self.type == "categorical":
-            return list(self.choices)
-        if (self.step is None and self.type == "float") or self.log:
-            raise UserError(f"sampler 'grid' needs discrete parameters: give space.{self.name} a step "
-                            f"(and no log), or use sampler = 'tpe' | 'nsga2' | 'random'")
-        step = self.step or 1
-        n = int(math.floor((self.high - self.low) / step + 1e-9)) + 1
-        return [self.low + i * step if self.type == "int" else round(self.low + i * step, 12) for i in range(n)]
-
-    def extremes(self) -> tuple[Any, Any]:
-        """The two ends of the range (checked against the experiment before any trial runs)."""
-        if self.type == "categorical":
-            return self.choices[0], self.choices[-1]
-        high = self.grid()[-1] if self.type == "int" and not self.log else self.high  # the last value a step reaches
-        return self.low, high
-
-
-@dataclass
-class Budget:
-    steps: Optional[int] = None
-    compute: Optional[float] = None     # GMACs (one image, one forward pass) x training steps
-
-    def steps_for(self, gmacs: float) -> int:
-        if self.steps is not None:
-            return self.steps
-        return max(1, round(self.compute / gmacs))
-
-    def describe(self) -> str:
-        return f"{self.steps} steps" if self.steps is not None else f"compute {self.compute:g} GMACs x steps"
-
-
-@dataclass
-class SweepSpec:
-    name: str
-    path: str
-    base: str
-    objectives: List[Objective]
-    space: List[Param]
-    budget: Budget
-    description: str = ""
-    trials: int = 8
-    sampler: str = "tpe"
-    pruner: str = "none"
-    eval_every: int = 0
-    set: Dict[str, Any] = field(default_factory=dict)
-    seed: Optional[int] = None
-    population: Optional[int] = None
-
-    @property
-    def metrics(self) -> List[str]:
-        return [o.metric for o in self.objectives]
-
-    @property
-    def multi(self) -> bool:
-        return len(self.objectives) > 1
-
-    def base_path(self) -> str:
-        """`base` relative to the sweep file when it is a path, else an experiment name."""
-        base = Path(self.base)
-        if base.suffix == ".toml" and not base.is_absolute():
-            return str(Path(self.path).parent / base)
-        return self.base
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _one_of(where: str, key: str, value: str, valid) -> str:
-    if value not in valid:
-        raise UserError(f"{where}: {key} = {value!r} is not valid; choose one of: {choices(valid)}")
-    return value
-
-
-def _parse_param(where: str, name: str, raw: Any) -> Param:
-    where = f"{where}, space.{name}"
-    if not isinstance(raw, dict):
-        raise UserError(f"{where} must be a table like {{ type = \"int\", low = 1, high = 4 }}, got {raw!r}")
-    ptype = _one_of(where, "type", typed_value(where, "type", raw.get("type", ""), str), PARAM_TYPES)
-    unknown = sorted(set(raw) - set(PARAM_KEYS[ptype]))
-    if unknown:
-        raise UserError(f"{where}: unknown key {unknown[0]!r} for type {ptype!r}; valid keys: "
-                        f"{choices(PARAM_KEYS[ptype])}")
-    if "." not in name and name not in SHORT_KEYS:
-        raise UserError(f"{where}: {name!r} is not an experiment key; use {choices(SHORT_KEYS)} or a dotted key "
-                        f"such as \"train.lr\" (quoted in TOML)")
-    key = SHORT_KEYS.get(name, name)
-    if ptype == "categorical":
-        values = typed_value(where, "choices", raw.get("choices"), list) if "choices" in raw else None
-        if not values:
-            raise UserError(f"{where}: a categorical parameter needs a non-empty 'choices' list")
-        for v in values:
-            if not isinstance(v, (str, int, float, bool)):
-                raise UserError(f"{where}: choices must be strings, numbers or booleans, got {v!r}")
-        return Param(name, key, ptype, choices=list(values))
-    num = int if ptype == "int" else float
-    for k in ("low", "high"):
-        if k not in raw:
-            raise UserError(f"{where}: missing key {k!r}")
-    low, high = typed_value(where, "low", raw["low"], num), typed_value(where, "high", raw["high"], num)
-    step = typed_value(where, "step", raw["step"], num) if "step" in raw else None
-    log = typed_value(where, "log", raw.get("log", False), bool)
-    if low > high:
-        raise UserError(f"{where}: low ({low}) must be <= high ({high})")
-    if step is not None and step <= 0:
-        raise UserError(f"{where}: step must be > 0, got {step}")
-    if log and (low <= 0 or (step is not None and step != 1)):
-        raise UserError(f"{where}: log = true needs low > 0 and no step")
-    return Param(name, key, ptype, low, high, step, log)
-
-
-def sweep_names() -> List[str]:
-    """Sweep files in studies/ (those with kind = "sweep")."""
-    return sorted(p.stem for p in STUDIES_DIR.glob("*.toml") if is_sweep_file(p))
-
-
-def is_sweep_file(path: str | Path) -> bool:
-    """True when a study file declares `kind = "sweep"` (ablation studies have no kind or "ablation")."""
-    try:
-        return read_toml(Path(path)).get("kind") == "sweep"
-    except (UserError, OSError):
-        return False
-
-
-def resolve_sweep_path(name_or_path: str | Path) -> Path:
-    return resolve_named_file(name_or_path, STUDIES_DIR, "sweep", sweep_names(), accept=is_sweep_file)
-
-
-def load_sweep(name_or_path: str | Path) -> SweepSpec:
-    """Parse and check a sweep file strictly (unknown key or wrong type: a UserError naming it)."""
-    path = resolve_sweep_path(name_or_path)
-    data = read_toml(path)
-    where = f"sweep {path.stem!r} ({path})"
-    top = strict_table(where, data, SWEEP_KEYS)
-    if top["kind"] != "sweep":
-        raise UserError(f"{where}: kind = {top['kind']!r}; a sweep file needs kind = \"sweep\" "
-                        f"(ablation studies run with `fcdm-lab ablate`)")
-
-    objectives = []
-    for i, raw in enumerate(top["objectives"]):
-        owhere = f"{where}, objectives[{i}]"
-        if not isinstance(raw, dict):
-            raise UserError(f"{owhere} must be a table like {{ metric = \"fid_digits\", direction = \"minimize\" }}")
-        o = strict_table(owhere, raw, {"metric": (str, True, "a metric name"),
-                                  "direction": (str, False, "minimize | maximize")})
-        metric = _check_metric(owhere, o["metric"])
-        default = "maximize" if metric in HIGHER_IS_BETTER or not lower_is_better(metric) else "minimize"
-        objectives.append(Objective(metric, _one_of(owhere, "direction", o.get("direction", default), DIRECTIONS)))
-    if not 1 <= len(objectives) <= 2:
-        raise UserError(f"{where}: give one objective, or two (a metric and gmacs) for a Pareto front; "
-                        f"got {len(objectives)}")
-    if len({o.metric for o in objectives}) != len(objectives):
-        raise UserError(f"{where}: the two objectives must be different metrics")
-
-    bwhere = f"{where}, budget"
-    budget_raw = strict_table(bwhere, top["budget"], {"steps": (int, False, "training steps of every trial"),
-                                                 "compute": (float, False, "GMACs x steps")})
-    if len(budget_raw) != 1:
-        raise UserError(f"{bwhere}: give exactly one of steps = N or compute = GMACs x steps")
-    budget = Budget(**budget_raw)
-    if (budget.steps is not None and budget.steps < 1) or (budget.compute is not None and budget.compute <= 0):
-        raise UserError(f"{bwhere}: the budget must be positive, got {budget_raw}")
-
-    space_raw: Dict[str, Any] = {}
-    for name, raw in top["space"].items():  # unquoted `train.lr = {...}` arrives as {"train": {"lr": {...}}}
-        if name in SECTIONS and isinstance(raw, dict) and "type" not in raw:
-            space_raw.update({f"{name}.{k}": v for k, v in raw.items()})
-        else:
-            space_raw[name] = raw
-    space = [_parse_param(where, name, raw) for name, raw in space_raw.items()]
-    if not space:
-        raise UserError(f"{where}: the space table is empty; add e.g. "
-                        f"C = {{ type = \"int\", low = 16, high = 48, step = 8 }}")
-    keys = [p.key for p in space]
-    if len(set(keys)) != len(keys):
-        raise UserError(f"{where}: two space entries set the same experiment key ({choices(keys)})")
-
-    overrides = flatten_overrides(top.get("set", {}), where)
-    clash = sorted(set(overrides) & (set(keys) | {"train.steps"}))
-    if clash:
-        raise UserError(f"{where}: set.{clash[0]} is decided by the sweep (the space table or the budget); remove it")
-    spec = SweepSpec(
-        name=path.stem, path=str(path), base=top["base"], objectives=objectives, space=space, budget=budget,
-        description=top.get("description", ""), trials=top.get("trials", 8),
-        sampler=_one_of(where, "sampler", top.get("sampler", "tpe"), SAMPLERS),
-        pruner=_one_of(where, "pruner", top.get("pruner", "none"), PRUNERS),
-        eval_every=top.get("eval_every", 0), set=overrides, seed=top.get("seed"), population=top.get("population"),
-    )
-    if spec.trials < 1:
-        raise UserError(f"{where}: trials must be >= 1, got {spec.trials}")
-    if spec.eval_every < 0:
-        raise UserError(f"{where}: eval_every must be >= 0, got {spec.eval_every}")
-    if spec.population is not None and spec.population < 2:
-        raise UserError(f"{where}: population must be >= 2, got {spec.population}")
-    _check_pruning(spec, where)
-    if spec.sampler == "grid":
-        for p in spec.space:
-            p.grid()
-    try:  # the base experiment with the sweep's `set`, through the same typed checks: fails at load time
-        load_experiment(spec.base_path(), overrides)
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
-    return spec
-
-
-def _check_metric(where: str, metric: str) -> str:
-    from ..eval.evaluate import METRIC_NAMES
-
-    valid = (*METRIC_NAMES, *MODEL_METRICS, *TRAIN_METRICS)
-    if metric not in valid:
-        raise UserError(f"{where}: unknown metric {metric!r}; valid: {choices(valid)}")
-    return metric
-
-
-def _check_pruning(spec: SweepSpec, where: str) -> None:
-    if spec.pruner == "none":
-        return
-    if spec.multi:
-        raise UserError(f"{where}: pruner = {spec.pruner!r} with {len(spec.objectives)} objectives: Optuna cannot "
-                        f"prune multi-objective studies (trial.report raises there); use pruner = \"none\" or "
-                        f"a single objective")
-    if spec.eval_every <= 0:
-        raise UserError(f"{where}: pruner = {spec.pruner!r} needs intermediate evaluations; set eval_every > 0 "
-                        f"(steps between evaluations)")
-
-
-def spec_fingerprint(spec: SweepSpec, overrides: Mapping[str, Any]) -> Dict[str, Any]:
-    """What must agree between workers of one study (the trial count and threads may differ)."""
-    body = {"base": spec.base, "objectives": [dataclasses.asdict(o) for o in spec.objectives],
-            "space": [dataclasses.asdict(p) for p in spec.space], "budget": dataclasses.asdict(spec.budget),
-            "eval_every": spec.eval_every,
-            "set": {k: v for k, v in {**spec.set, **overrides}.items() if k != "train.threads"}}
-    text = json.dumps(body, sort_keys=True, default=str)
-    return {"sha": hashlib.sha256(text.encode()).hexdigest()[:16], "spec": body}
+from .storage import check_storage_url, open_storage, pasteable, redact, sqlite_init_lock
+from .spec import model_info_for, normalize_overrides
+# re-exported: sweep files and results keep their import path through this module
+from .sweep_file import (MODEL_METRICS, SPEC_ATTR, TRAIN_METRICS, Budget, Objective, Param, SweepSpec,  # noqa: F401
+                         is_sweep_file, load_sweep, resolve_sweep_path, spec_fingerprint, sweep_names)
+from .sweep_results import SweepResult, _fmt, plot_pareto, print_trials, trial_rows, write_tables  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,138 +78,6 @@ def make_pruner(spec: SweepSpec, steps: Optional[int]):
         return optuna.pruners.HyperbandPruner(min_resource=spec.eval_every, max_resource=steps or "auto",
                                               reduction_factor=3)
     return optuna.pruners.NopPruner()
-
-
-# ---------------------------------------------------------------------------------------------
-# Results
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class SweepResult:
-    study_name: str
-    storage: str                  # the URL, password hidden
-    parent_run_id: str            # MLflow run holding every trial as a child
-    tracking_uri: str
-    metrics: List[str]            # the objectives, in order
-    rows: List[Dict[str, Any]]    # per trial: trial, <space names>, params, gmacs, steps, <metrics>, state,
-                                  # pareto, note, run_id, error
-    best_trials: List[int]        # the Pareto front (multi-objective) or the best trial (single)
-    out_dir: Path
-    plot: Optional[Path]          # pareto.png (None when no trial completed)
-    table_csv: Path
-    table_md: Path
-    ran_here: List[int] = field(default_factory=list)  # trials this worker ran
-
-    def count(self, state: str) -> int:
-        return sum(r["state"] == state for r in self.rows)
-
-
-def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def trial_rows(study, spec: SweepSpec) -> tuple[List[Dict[str, Any]], List[int]]:
-    """Table rows of every trial and the numbers of the best (Pareto-optimal) ones."""
-    from optuna.trial import TrialState
-
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    best = sorted(t.number for t in study.best_trials) if complete else []
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get("surplus"):
-            continue
-        row: Dict[str, Any] = {"trial": t.number}
-        row.update({p.name: t.params.get(p.name) for p in spec.space})
-        row["params"] = t.user_attrs.get("params")
-        row["gmacs"] = t.user_attrs.get("gmacs")
-        row["steps"] = t.user_attrs.get("steps")
-        values = t.values or []
-        for i, metric in enumerate(spec.metrics):
-            if metric not in ("params", "gmacs"):
-                row[metric] = values[i] if i < len(values) else t.user_attrs.get("metrics", {}).get(metric)
-        row["state"] = t.state.name
-        row["pareto"] = t.number in best
-        row["note"] = _note(t)
-        row["run_id"] = t.user_attrs.get("mlflow_run_id")
-        row["error"] = t.user_attrs.get("error")
-        rows.append(row)
-    return rows, best
-
-
-def _note(t) -> str:
-    if "duplicate_of" in t.user_attrs:
-        return f"same as trial {t.user_attrs['duplicate_of']}"
-    if t.state.name == "PRUNED" and t.intermediate_values:
-        return f"pruned at step {max(t.intermediate_values)}"
-    error = t.user_attrs.get("error") or ""
-    return error if len(error) <= 60 else error[:57] + "..."
-
-
-def write_tables(rows: List[Dict[str, Any]], out_dir: Path) -> tuple[Path, Path]:
-    """trials.csv (every column) and trials.md (a GitHub table; hand-written: pandas' to_markdown
-    needs the extra `tabulate` package for six lines of formatting)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    columns = list(rows[0]) if rows else ["trial", "state"]
-    csv_path, md_path = out_dir / "trials.csv", out_dir / "trials.md"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-    shown = [c for c in columns if c not in ("run_id", "error")]
-    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in shown) + " |" for r in rows]
-    md_path.write_text("\n".join(lines) + "\n")
-    return csv_path, md_path
-
-
-def plot_pareto(rows: List[Dict[str, Any]], spec: SweepSpec, path: Path, title: str) -> Optional[Path]:
-    """Metric vs GMACs of every complete trial, the best / Pareto-optimal ones highlighted and joined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric = next((m for m in spec.metrics if m not in MODEL_METRICS), spec.metrics[0])
-    if metric in MODEL_METRICS:  # e.g. a params-vs-gmacs sweep: plot the objective against GMACs anyway
-        metric = "params" if metric == "gmacs" else metric
-    done = [r for r in rows if r["state"] == "COMPLETE" and r.get(metric) is not None and r.get("gmacs") is not None]
-    if not done:
-        return None
-    front = sorted((r for r in done if r["pareto"]), key=lambda r: r["gmacs"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    ax.scatter([r["gmacs"] for r in done], [r[metric] for r in done], c="0.6", s=28, label="trials", zorder=2)
-    if front:
-        label = "Pareto front" if spec.multi else "best"
-        ax.plot([r["gmacs"] for r in front], [r[metric] for r in front], "-o", c="tab:red", ms=7, label=label,
-                drawstyle="steps-post" if len(front) > 1 else "default", zorder=3)
-    for r in done:
-        name = ", ".join(f"{p.name}={_fmt(r[p.name])}" for p in spec.space)
-        ax.annotate(name, (r["gmacs"], r[metric]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("GMACs per image (forward)")
-    ax.set_ylabel(metric)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def print_trials(console, rows: List[Dict[str, Any]], spec: SweepSpec, title: str) -> None:
-    from ..display import sweep_table
-
-    console.print(sweep_table(rows, title, _fmt))
-    for r in rows:
-        if r["state"] == "FAIL" and r.get("error"):
-            console.print(f"[red]trial {r['trial']} failed:[/] {r['error']}", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -794,7 +369,9 @@ class SweepJob:
         if self.asked >= self.budget or len(counted_trials(study)) >= self.objective.target:
             return None
         self.asked += 1
-        return study.ask()
+        with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": engine.py beats
+            warnings.simplefilter("ignore", UserWarning)
+            return study.ask()
 
     def run(self, trial):
         return self.objective(trial)
@@ -858,6 +435,7 @@ def run_sweep(name_or_path: str | Path, *, trials: Optional[int] = None, storage
     console = console or Console()
     storage_url = check_storage_url(storage)
     spec = load_sweep(name_or_path)
+    check_name("study name", study_name or spec.name)  # it names the trials' folder: runs/<study>
     overrides = normalize_overrides(overrides)
     if threads is not None:
         if threads < 1:
@@ -922,9 +500,11 @@ def run_sweep(name_or_path: str | Path, *, trials: Optional[int] = None, storage
                       f"again to continue it", highlight=False)
         raise
     print_trials(console, rows, spec, title)
-    console.print(browse_hint(parent_id, uri), highlight=False)
-    console.print(f"Optuna: `optuna-dashboard {storage_text}` (pip install optuna-dashboard); "
-                  f"table and plot in {out_dir}", highlight=False)
+    console.print(browse_hint(parent_id, uri), highlight=False, soft_wrap=True)
+    dashboard_url, password_var = pasteable(storage_url)  # usable, yet no password printed
+    console.print(f"Optuna: `optuna-dashboard {dashboard_url}` (pip install optuna-dashboard"
+                  f"{f'; password from ${password_var}' if password_var else ''}); table and plot in {out_dir}",
+                  highlight=False, soft_wrap=True)
     if objective.ran and len(objective.user_errors) == len(objective.ran):
         raise UserError(f"every trial of this worker failed ({len(objective.ran)}); first error: "
                         f"{objective.user_errors[0]}")

@@ -47,9 +47,15 @@ class Stat:
         return None if self.half is None else self.mean + self.half
 
     def fmt(self, signed: bool = False) -> str:
-        """'0.7853' for one seed, '0.7853 ± 0.041' for several."""
-        mean = f"{self.mean:+.4g}" if signed else f"{self.mean:.4g}"
-        return mean if self.half is None else f"{mean} ± {self.half:.2g}"
+        """'0.7853' for one seed; '0.785 ± 0.041' for several: the mean to one digit past the
+        interval's first significant digit (more digits would be noise)."""
+        sign = "+" if signed else ""
+        if self.half is None or not math.isfinite(self.half):
+            return f"{self.mean:{sign}.4g}"
+        if self.half == 0:
+            return f"{self.mean:{sign}.4g} ± 0"
+        decimals = max(0, 1 - math.floor(math.log10(self.half)))
+        return f"{self.mean:{sign}.{decimals}f} ± {self.half:.{decimals}f}"
 
 
 def summarize(values: Sequence[Optional[float]], confidence: float = CONFIDENCE) -> Optional[Stat]:
