@@ -95,8 +95,6 @@ def test_two_process_accelerate_run(tmp_path):
            "sample": {**sample, "out_dir": str(tmp_path / "samples-2p")}}
     proc = run_worker(tmp_path, job, cmd=cmd, env=worker_env(ACCELERATE_USE_CPU="true"), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # channels_last weights under DDP: gradients are bucket views, so no per-step copy and no warning
-    assert "grad strides do not match bucket view strides" not in proc.stderr.lower()
     ranks = sorted(json.loads(p.read_text())["rank"] for p in report.glob("rank_*.json"))
     worlds = {json.loads(p.read_text())["world"] for p in report.glob("rank_*.json")}
     assert ranks == [0, 1] and worlds == {2}
