@@ -300,8 +300,9 @@ def test_extract_latents_round_trip_with_tiny_vae(tmp_path):
     images = _make_folder(tmp_path / "imgs", per_class=3, size=(32, 32))
     vae = _tiny_vae(tmp_path / "vae")
     meta = extract_latents(str(images), str(tmp_path / "vae"), str(tmp_path / "lat"), image_size=32,
-                           batch_size=4, flip=True, shard_size=5, device="cpu", progress=False)
+                           batch_size=4, flip="both", dtype="float16", shard_size=5, device="cpu", progress=False)
     assert meta["count"] == 12 and meta["flip"] and meta["scale_factor"] == 0.18215
+    assert meta["flip_mode"] == "both" and meta["dtype"] == "float16"
     assert meta["shape"] == [4, 16, 16] and meta["num_classes"] == 2 and meta["classes"] == ["cat", "dog"]
     assert [s["count"] for s in meta["shards"]] == [5, 5, 2]
     store = LatentStore(str(tmp_path / "lat"))
@@ -328,6 +329,31 @@ def test_extract_latents_round_trip_with_tiny_vae(tmp_path):
     _edit_meta(tmp_path / "lat", count=11)
     with pytest.raises(UserError, match="count"):
         build_dataset({"name": "latents", "path": str(tmp_path / "lat")})
+
+
+def test_extract_latents_reference_mode_float32_one_randomly_flipped_copy(tmp_path):
+    from fcdm_lab.rng import derive_seed
+
+    images = _make_folder(tmp_path / "imgs", per_class=4, size=(32, 32))
+    vae = _tiny_vae(tmp_path / "vae")
+    meta = extract_latents(str(images), str(tmp_path / "vae"), str(tmp_path / "lat"), image_size=32,  # defaults
+                           batch_size=3, seed=5, device="cpu", progress=False)
+    assert meta["dtype"] == "float32" and meta["flip_mode"] == "random" and meta["count"] == 8  # one per image
+    store = LatentStore(str(tmp_path / "lat"))
+    assert store.flip_mode == "random" and store.labels.tolist() == [0] * 4 + [1] * 4
+    # by hand: per image a uniform draw from the documented stream decides the mirror
+    pixels = ImageFolderDataset(str(images), 32, random_flip=False)
+    x = torch.stack([pixels[i][0] for i in range(8)])
+    mirrored = torch.rand(8, generator=torch.Generator().manual_seed(derive_seed(5, 1))) < 0.5
+    assert 0 < int(mirrored.sum()) < 8  # both kinds occur in this draw
+    x = torch.where(mirrored[:, None, None, None], x.flip(-1), x)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        expected = torch.cat([vae.encode(x[i:i + 3]).latent_dist.sample(generator=g) for i in range(0, 8, 3)])
+    got = torch.stack([store[i][0] for i in range(8)])
+    torch.testing.assert_close(got, expected * 0.18215, atol=1e-5, rtol=1e-5)  # float32: no fp16 rounding
+    with pytest.raises(UserError, match="flip mode.*random, none, both"):
+        extract_latents(str(images), str(tmp_path / "vae"), str(tmp_path / "x"), flip="sometimes", progress=False)
 
 
 def test_vae_load_failures_say_pass_a_local_directory(tmp_path, monkeypatch):

@@ -116,7 +116,8 @@ def test_flow_model_trained_with_time_scale_1_samples_with_every_sampler(tmp_pat
     from fcdm_lab.train import train
 
     cfg = load_experiment("tiny-digits", {"diffusion.objective": "flow", "train.steps": 20, "train.log_every": 10,
-                                          "train.ckpt_every": 20, "train.sample_every": 0, "model.C": 16})
+                                          "train.ckpt_every": 20, "train.sample_every": 0, "model.C": 16,
+                                          "eval.sampler": "sde"})
     assert cfg.diffusion.time_scale == 1.0
     result = train(cfg, tmp_path / "run")
     model, loaded_cfg, info = load_checkpoint(result.checkpoint)

@@ -9,7 +9,10 @@ Plain .npy shards rather than one big file: numpy memory-maps them (no loading o
 access from many DataLoader workers), and a shard is small enough to rewrite.
 
 As in DiT, training on latents skips the VAE entirely; the latents are `latent_dist.sample()` times
-0.18215, and a flipped copy of every image may be stored as extra entries (the flip augmentation).
+0.18215. The flip augmentation (`flip`, recorded as meta flip_mode): "random" stores one copy per
+image, mirrored or not at random (the reference implementation's extract_features.py); "both" stores
+a mirrored copy of every image as extra entries; "none" stores the images as they are. The reference
+stores float32 (`dtype`); float16 halves the disk and page-cache footprint.
 """
 from __future__ import annotations
 
@@ -34,6 +37,9 @@ FORMAT = "fcdm-lab-latents"
 FORMAT_VERSION = 1
 DIT_SCALE_FACTOR = 0.18215  # DiT's constant for the Stable-Diffusion VAE
 STORE_DTYPES = ("float16", "float32")
+FLIP_MODES = ("random", "none", "both")
+REFERENCE_MODE = {"dtype": "float32", "flip": "random"}  # the reference's extraction (facts section 12)
+_FLIP_STREAM = 1  # derive_seed(seed, 1): the random-flip decisions, apart from the VAE's sampling noise
 _REQUIRED_META = ("format", "version", "shape", "count", "dtype", "scale_factor", "vae", "flip",
                   "num_classes", "shards", "fingerprint")
 
@@ -179,6 +185,7 @@ class LatentStore(Dataset):
     scale_factor = property(lambda self: float(self.meta["scale_factor"]))
     vae = property(lambda self: self.meta["vae"])
     flip = property(lambda self: bool(self.meta["flip"]))
+    flip_mode = property(lambda self: self.meta.get("flip_mode", "both" if self.meta["flip"] else "none"))
     num_classes = property(lambda self: int(self.meta["num_classes"]))
     fingerprint = property(lambda self: self.meta["fingerprint"])
 
@@ -384,16 +391,26 @@ def load_vae(vae: str):
 
 
 def extract_latents(images: str, vae: str, out: str, image_size: int = 256, batch_size: int = 32,
-                    flip: bool = False, shard_size: int = 10000, device=None, progress: bool = True, *,
-                    scale_factor: float = DIT_SCALE_FACTOR, dtype: str = "float16", seed: int = 0,
+                    flip: str | bool = "random", shard_size: int = 10000, device=None, progress: bool = True, *,
+                    scale_factor: float = DIT_SCALE_FACTOR, dtype: str = "float32", seed: int = 0,
                     num_workers: int = 0, overwrite: bool = False) -> dict:
-    """Encode an image folder (ADM centre crop, no random flip) into a latent store; returns its meta.
+    """Encode an image folder (ADM centre crop) into a latent store; returns its meta.
 
     Latents are `vae.encode(x).latent_dist.sample() * scale_factor` with a seeded generator (the same
-    inputs give the same store). With flip=True every batch is also encoded mirrored and stored as extra
-    entries after the originals (count doubles; meta flip=true).
+    inputs give the same store). The defaults are the reference's (REFERENCE_MODE): float32, and
+    flip="random": one copy per image, mirrored where a uniform draw from a generator seeded with
+    derive_seed(seed, 1) is < 0.5 (one draw per image, in order). flip="both" (or True) also encodes
+    every batch mirrored and stores it as extra entries after the originals (count doubles);
+    flip="none" (or False) stores the images as they are. dtype "float16" halves the store.
     """
     from fcdm_lab.data.images import ImageFolderDataset
+    from fcdm_lab.rng import derive_seed
+
+    flip = {True: "both", False: "none"}.get(flip, flip) if isinstance(flip, bool) else flip
+    if flip not in FLIP_MODES:
+        raise UserError(f"flip mode {flip!r} is not valid; choose one of: {choices(FLIP_MODES)}")
+    if dtype not in STORE_DTYPES:
+        raise UserError(f"latent store dtype {dtype!r} is not supported; valid: {choices(STORE_DTYPES)}")
 
     out_abs = os.path.abspath(os.path.expanduser(os.fspath(out)))
     _check_replaceable(out_abs, overwrite)  # fail before the slow VAE load
@@ -405,6 +422,7 @@ def extract_latents(images: str, vae: str, out: str, image_size: int = 256, batc
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval()
     generator = torch.Generator(device).manual_seed(seed)
+    flip_draws = torch.Generator().manual_seed(derive_seed(seed, _FLIP_STREAM))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
 
@@ -415,12 +433,15 @@ def extract_latents(images: str, vae: str, out: str, image_size: int = 256, batc
         with torch.inference_mode():
             for x, y in _track(loader, progress, f"encoding {len(dataset)} images"):
                 x = x.to(device, non_blocking=True)
+                if flip == "random":
+                    mirrored = (torch.rand(len(x), generator=flip_draws) < 0.5).to(device)
+                    x = torch.where(mirrored[:, None, None, None], x.flip(-1), x)
                 yield encode(x), y
-                if flip:
+                if flip == "both":
                     yield encode(x.flip(-1)), y
 
     vae_id = os.path.abspath(os.path.expanduser(vae)) if os.path.isdir(os.path.expanduser(vae)) else vae
-    meta = {"vae": vae_id, "scale_factor": float(scale_factor), "flip": bool(flip),
+    meta = {"vae": vae_id, "scale_factor": float(scale_factor), "flip": flip != "none", "flip_mode": flip,
             "num_classes": len(dataset.classes), "classes": list(dataset.classes),
             "image_size": image_size, "num_images": len(dataset), "source": os.path.abspath(dataset.root),
             "seed": seed}
