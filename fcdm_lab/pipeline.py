@@ -10,6 +10,9 @@ compute, the final EMA weights, and, when evaluating, the metrics of the *in-mem
 (no reload from disk) on the device it trained on, with the evaluation noise seeded by the
 training seed (so variants trained with the same seed are paired in evaluation too).
 
+`train_tracked` is `fcdm-lab train`: preflight, then a run (the folder's own run when resuming, found
+through its pointer file `mlflow_run.json`), then the pipeline.
+
 `preflight` validates everything that can be checked before anything is written (the output
 folder, the checkpoint to resume, the data and the model build on the meta device): a refused run
 leaves no MLflow run, no folder and no pointer file behind (issue 9, items 4 and 5).
@@ -17,13 +20,17 @@ leaves no MLflow run, no folder and no pointer file behind (issue 9, items 4 and
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from .errors import UserError
+from .tracking import DEFAULT_EXPERIMENT, _client, get_client, is_main_process, resolve_tracking_uri, tracked_run
+
+RUN_FILE = "mlflow_run.json"            # written into a training out dir: which run holds its logs
 
 
 @dataclass
@@ -123,4 +130,80 @@ def run_pipeline(tracker, cfg, out_dir, *, resume: Optional[str] = None, evaluat
     return PipelineResult(result, metrics)
 
 
-__all__ = ["PipelineResult", "Preflight", "preflight", "run_pipeline"]
+# ---------------------------------------------------------------------------------------------
+# Training inside a run (`fcdm-lab train`)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class RunPointer:
+    """Contents of `<out_dir>/mlflow_run.json`: which run a training folder logged into."""
+
+    run_id: str
+    tracking_uri: str
+    experiment: str = DEFAULT_EXPERIMENT
+
+    def save(self, out_dir) -> Path:
+        path = Path(out_dir) / RUN_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.__dict__, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def find(cls, path) -> Optional["RunPointer"]:
+        """The pointer of the training folder holding `path` (a checkpoint file or the folder)."""
+        p = Path(path).resolve()
+        for folder in [p, *p.parents][:4]:
+            f = folder / RUN_FILE
+            if f.is_file():
+                try:
+                    return cls(**json.loads(f.read_text()))
+                except (ValueError, TypeError):
+                    return None
+        return None
+
+
+def train_in_run(tracker, cfg, out_dir, *, resume=None, progress: bool = True, study: str | None = None,
+                 variant: str | None = None, seed: int | None = None, max_steps: int | None = None):
+    """Train `cfg` into `out_dir` logging into an open run (the pipeline without evaluation);
+    returns the TrainResult. See `fcdm_lab.pipeline.run_pipeline`."""
+    return run_pipeline(tracker, cfg, out_dir, resume=resume, progress=progress, study=study, variant=variant,
+                        seed=seed, max_steps=max_steps).train
+
+
+def _resumable_run_id(out_dir, uri: str, resume) -> str | None:
+    """The MLflow run a resumed training folder logged into (its pointer file), if this store has it:
+    resuming continues that run instead of splitting one training over two runs."""
+    if resume is None:
+        return None
+    pointer = RunPointer.find(out_dir if resume == "latest" else resume)
+    if pointer is None or pointer.tracking_uri != uri:
+        return None
+    try:
+        _client(uri).get_run(pointer.run_id)
+    except Exception:
+        return None
+    return pointer.run_id
+
+
+def train_tracked(cfg, out_dir, *, uri: str | None = None, resume=None, run_name: str | None = None,
+                  parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None,
+                  progress: bool = True, experiment: str = DEFAULT_EXPERIMENT, max_steps: int | None = None,
+                  evaluate: bool = False):
+    """The `fcdm-lab train` library function: check everything (config, model, data, output folder,
+    checkpoint, store) before creating anything, then open a run (or reopen the folder's run when
+    resuming), train, evaluate (evaluate=True) and log. Returns (TrainResult, run_id); run_id is
+    None in non-main processes."""
+    checked = preflight(cfg, out_dir, resume=resume)  # a refused run leaves no run, folder or pointer
+    uri = resolve_tracking_uri(uri)
+    main = is_main_process()  # under `accelerate launch` only the main process touches the store: two
+    if main:                  # processes creating a fresh SQLite store at once would collide
+        get_client(uri)  # probe the store before training
+    with tracked_run(run_name or cfg.name, uri=uri, experiment=experiment, tags=tags, parent_run_id=parent_run_id,
+                     run_id=_resumable_run_id(out_dir, uri, checked.resume) if main else None) as tracker:
+        out = run_pipeline(tracker, cfg, out_dir, resume=checked.resume, progress=progress, max_steps=max_steps,
+                           evaluate=evaluate)
+    return out.train, tracker.run_id
+
+
+__all__ = ["PipelineResult", "Preflight", "RUN_FILE", "RunPointer", "preflight", "run_pipeline", "train_in_run",
+           "train_tracked"]

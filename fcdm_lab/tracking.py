@@ -8,6 +8,10 @@ fluent API keeps one global run stack per process, while studies and sweeps open
 other, attach children to a parent from any process (`parent_run_id=`) and reopen unfinished runs
 to resume them. Only the main process of a distributed job logs; the others get a `NullTracker`.
 
+Split by job: this module opens and logs runs (URIs, clients, trackers, `tracked_run`);
+run_record.py says what every run records, pipeline.py trains/evaluates inside a run (and holds
+the run-folder pointer), mlflow_ui.py browses. Their public names are re-exported here.
+
 Where runs go: `uri` argument (`--tracking-uri`) > `MLFLOW_TRACKING_URI` > MLflow's own default,
 `sqlite:///<cwd>/mlflow.db` with artifacts in `./mlruns`. A tracking server is probed before any
 training starts, so an unreachable one is reported within seconds instead of after a run.
@@ -18,29 +22,23 @@ import contextlib
 import contextvars
 import json
 import os
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 import warnings
-from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 from urllib.parse import urlsplit
 
 from .errors import UserError, choices
 
 DEFAULT_EXPERIMENT = "fcdm-lab"
-RUN_FILE = "mlflow_run.json"            # written into a training out dir: which run holds its logs
 URI_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql")
 URI_FORMS = ("http://HOST:PORT", "https://HOST", "sqlite:///PATH/mlflow.db", "file:///ABS/DIR",
              "postgresql://USER@HOST/DB", "mysql://USER@HOST/DB")
 PROBE_TIMEOUT_S = 5.0
 PARAM_MAX_CHARS = 6000                  # MLflow 3's limit for one param value
-VERSION_PACKAGES = ("torch", "diffusers", "accelerate", "mlflow", "optuna", "torch-fidelity", "fcdm-lab")
-MODEL_PARAM_KEYS = ("model.params", "model.gmacs", "model.match_knob", "model.match_value", "model.match_target")
 STATUS_FINISHED, STATUS_FAILED, STATUS_KILLED, STATUS_RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 # MLflow 3 opens an experiment in its GenAI view (empty traces) unless the browser's sidebar toggle says
 # "Model training" (kept in localStorage; mlflow/mlflow issue 24498). The levers: this experiment tag
@@ -361,284 +359,24 @@ def attach_run(run_id: str, uri: str | None = None) -> Tracker:
 
 
 # ---------------------------------------------------------------------------------------------
-# What every run records
+# The other jobs live in sibling modules; their names stay importable from here.
 # ---------------------------------------------------------------------------------------------
 
-def _git(*args: str, cwd: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
+from .run_record import (MODEL_PARAM_KEYS, VERSION_PACKAGES, _drop_none, block_spec_of, config_from_toml,  # noqa: E402,F401
+                         config_to_toml, git_state, log_run_config, model_params, package_versions, run_environment,
+                         standard_tags)
+from .mlflow_ui import browse_hint, launch_ui, ui_command, ui_link  # noqa: E402,F401
+
+_PIPELINE_NAMES = ("RUN_FILE", "RunPointer", "train_in_run", "train_tracked")
 
 
-def git_state() -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the git checkout holding the fcdm_lab sources; (None, None) when the
-    package is not a tracked part of a git checkout (e.g. installed from a wheel)."""
-    pkg = Path(__file__).resolve().parent
-    if _git("ls-files", "--error-unmatch", "__init__.py", cwd=pkg) is None:
-        return None, None
-    commit = _git("rev-parse", "HEAD", cwd=pkg)
-    status = _git("status", "--porcelain", "--", ".", cwd=pkg)
-    return commit, (None if status is None else bool(status))
+def __getattr__(name: str):
+    """pipeline.py's names, resolved on first use: it imports this module (no import cycle)."""
+    if name in _PIPELINE_NAMES:
+        from . import pipeline
 
-
-def package_versions() -> Dict[str, str]:
-    out = {}
-    for name in VERSION_PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def block_spec_of(cfg, model_info: Mapping[str, Any] | None = None) -> Dict[str, Any] | None:
-    """The resolved block spec actually built (after compute matching), None for baselines."""
-    kwargs = (model_info or {}).get("kwargs") or {}
-    spec = kwargs.get("block", cfg.model.block)
-    from .models import model_family
-    from .models.blocks import resolve_block_spec
-
-    try:
-        if model_family(cfg.model.name) != "fcdm":
-            return None
-    except UserError:
-        return None
-    return resolve_block_spec(spec)
-
-
-def standard_tags(cfg, model_info: Mapping[str, Any] | None = None, data_info: Mapping[str, Any] | None = None,
-                  *, study: str | None = None, variant: str | None = None, seed: int | None = None) -> Dict[str, str]:
-    """Tags every run carries: what was trained (experiment, preset, block spec), where it sits
-    (study, variant, seed), which code (git commit + dirty flag, package versions) and which data."""
-    commit, dirty = git_state()
-    block = block_spec_of(cfg, model_info)
-    tags: Dict[str, Any] = {
-        "experiment": cfg.name,
-        "preset": (model_info or {}).get("name", cfg.model.name),
-        "block": json.dumps(block, sort_keys=True) if block is not None else None,
-        "study": study,
-        "variant": variant,
-        "seed": seed,
-        "git_commit": commit,
-        "mlflow.source.git.commit": commit,  # shown by the MLflow UI as the run's source version
-        "git_dirty": None if dirty is None else str(dirty).lower(),
-        "data": (data_info or {}).get("name", cfg.data.name),
-        "data_fingerprint": (data_info or {}).get("fingerprint"),
-    }
-    tags.update({f"version.{k}": v for k, v in package_versions().items()})
-    return {k: str(v) for k, v in tags.items() if v is not None}
-
-
-def _drop_none(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_drop_none(v) for v in value]
-    return value
-
-
-def config_to_toml(cfg) -> str:
-    """The resolved config as TOML (TOML has no null: unset optional keys are left out, which
-    reloads to the same config since every optional field defaults to None)."""
-    import tomli_w
-
-    return tomli_w.dumps(_drop_none(cfg.to_dict()))
-
-
-def config_from_toml(text: str):
-    import tomllib
-
-    from .config import config_from_dict
-
-    return config_from_dict(tomllib.loads(text))
-
-
-def run_environment() -> Dict[str, Any]:
-    """Params of where a job ran: world size (processes) and device, from accelerate's state (set up
-    by the trainer; in a process without one, this single process)."""
-    from accelerate import PartialState
-
-    state = PartialState()
-    out: Dict[str, Any] = {"world_size": state.num_processes, "device": state.device.type}
-    if state.device.type == "cuda":
-        import torch
-
-        out["device_name"] = torch.cuda.get_device_name(state.device)
-    return out
-
-
-def model_params(model_info: Mapping[str, Any]) -> Dict[str, Any]:
-    """MLflow params describing a built model (MODEL_PARAM_KEYS): size, compute and the
-    compute-matching outcome (knob, solved value, target GMACs)."""
-    out: Dict[str, Any] = {"model.params": model_info["params"], "model.gmacs": round(float(model_info["gmacs"]), 6)}
-    match = model_info.get("match")
-    if match:
-        out["model.match_knob"] = match["knob"]
-        out["model.match_value"] = match.get("to_value", match.get("to"))
-        out["model.match_target"] = round(float(match["target_gmacs"]), 6)
-    return out
-
-
-def log_run_config(tracker, cfg, model_info: Mapping[str, Any] | None = None) -> None:
-    """Params = the flattened resolved config (+ params count, GMACs and the matched knob once the
-    model is built); artifact `config.toml` = the resolved config, the input of `fcdm-lab rerun`."""
-    params = dict(cfg.flat())
-    if model_info is not None:
-        params.update(model_params(model_info))
-        tracker.log_dict(_drop_none(dict(model_info)), "model_info.json")
-    tracker.log_params(params)
-    tracker.log_text(config_to_toml(cfg), "config.toml")
-
-
-# ---------------------------------------------------------------------------------------------
-# Training inside a run
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class RunPointer:
-    """Contents of `<out_dir>/mlflow_run.json`: which run a training folder logged into."""
-
-    run_id: str
-    tracking_uri: str
-    experiment: str = DEFAULT_EXPERIMENT
-
-    def save(self, out_dir) -> Path:
-        path = Path(out_dir) / RUN_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.__dict__, indent=2) + "\n")
-        return path
-
-    @classmethod
-    def find(cls, path) -> Optional["RunPointer"]:
-        """The pointer of the training folder holding `path` (a checkpoint file or the folder)."""
-        p = Path(path).resolve()
-        for folder in [p, *p.parents][:4]:
-            f = folder / RUN_FILE
-            if f.is_file():
-                try:
-                    return cls(**json.loads(f.read_text()))
-                except (ValueError, TypeError):
-                    return None
-        return None
-
-
-def train_in_run(tracker, cfg, out_dir, *, resume=None, progress: bool = True, study: str | None = None,
-                 variant: str | None = None, seed: int | None = None, max_steps: int | None = None):
-    """Train `cfg` into `out_dir` logging into an open run (the pipeline without evaluation);
-    returns the TrainResult. See `fcdm_lab.pipeline.run_pipeline`."""
-    from .pipeline import run_pipeline
-
-    return run_pipeline(tracker, cfg, out_dir, resume=resume, progress=progress, study=study, variant=variant,
-                        seed=seed, max_steps=max_steps).train
-
-
-def _resumable_run_id(out_dir, uri: str, resume) -> str | None:
-    """The MLflow run a resumed training folder logged into (its pointer file), if this store has it:
-    resuming continues that run instead of splitting one training over two runs."""
-    if resume is None:
-        return None
-    pointer = RunPointer.find(out_dir if resume == "latest" else resume)
-    if pointer is None or pointer.tracking_uri != uri:
-        return None
-    try:
-        _client(uri).get_run(pointer.run_id)
-    except Exception:
-        return None
-    return pointer.run_id
-
-
-def train_tracked(cfg, out_dir, *, uri: str | None = None, resume=None, run_name: str | None = None,
-                  parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None,
-                  progress: bool = True, experiment: str = DEFAULT_EXPERIMENT, max_steps: int | None = None,
-                  evaluate: bool = False):
-    """The `fcdm-lab train` library function: check everything (config, model, data, output folder,
-    checkpoint, store) before creating anything, then open a run (or reopen the folder's run when
-    resuming), train, evaluate (evaluate=True) and log. Returns (TrainResult, run_id); run_id is
-    None in non-main processes."""
-    from .pipeline import preflight, run_pipeline
-
-    checked = preflight(cfg, out_dir, resume=resume)  # a refused run leaves no run, folder or pointer
-    uri = resolve_tracking_uri(uri)
-    main = is_main_process()  # under `accelerate launch` only the main process touches the store: two
-    if main:                  # processes creating a fresh SQLite store at once would collide
-        get_client(uri)  # probe the store before training
-    with tracked_run(run_name or cfg.name, uri=uri, experiment=experiment, tags=tags, parent_run_id=parent_run_id,
-                     run_id=_resumable_run_id(out_dir, uri, checked.resume) if main else None) as tracker:
-        out = run_pipeline(tracker, cfg, out_dir, resume=checked.resume, progress=progress, max_steps=max_steps,
-                           evaluate=evaluate)
-    return out.train, tracker.run_id
-
-
-# ---------------------------------------------------------------------------------------------
-# Browsing
-# ---------------------------------------------------------------------------------------------
-
-def ui_command(uri: str | None = None, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list[str]:
-    """The `mlflow ui` command line for a store. One worker: MLflow's default 4 are heavy on a
-    small machine and one person browsing needs one."""
-    uri = resolve_tracking_uri(uri)
-    if urlsplit(uri).scheme in ("http", "https"):
-        raise UserError(f"{uri} is already a tracking server: open it in a browser instead of starting a UI")
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-            "--workers", str(workers)]
-
-
-def launch_ui(uri: str | None = None, host: str = "127.0.0.1", port: int = 5000) -> int:
-    """Run `mlflow ui` in the foreground (loopback by default) until Ctrl+C or SIGTERM, then stop
-    the server (SIGTERM reaches its worker processes); returns its exit code."""
-    import signal
-
-    cmd = ui_command(uri, host, port)
-    store = cmd[cmd.index("--backend-store-uri") + 1]
-    probe_tracking_uri(store)
-    exp = _client(store).get_experiment_by_name(DEFAULT_EXPERIMENT)
-    link = ui_link(f"http://{host}:{port}", exp.experiment_id if exp is not None else None)
-    print(f"MLflow UI for {store}: open {link} (Ctrl+C to stop)", flush=True)
-    proc = subprocess.Popen(cmd)
-
-    def stop(signum, frame):  # SIGTERM to us: stop the server too instead of orphaning it
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def ui_link(base_url: str, experiment_id: str | None = None) -> str:
-    """A link to an experiment's runs table (or the UI's home) in MLflow's model-training view."""
-    path = f"#/experiments/{experiment_id}/runs" if experiment_id is not None else "#/"
-    return f"{base_url.rstrip('/')}/{path}?{UI_WORKFLOW_QUERY}"
-
-
-def browse_hint(run_id: str | None, uri: str | None = None, *, report: bool = False) -> str:
-    """One closing line: how to look at a run (a link to its experiment's runs table)."""
-    uri = resolve_tracking_uri(uri)
-    try:
-        exp_id = _client(uri).get_run(run_id).info.experiment_id if run_id else None
-    except Exception:  # a hint must not fail the command that has just finished
-        exp_id = None
-    if urlsplit(uri).scheme in ("http", "https"):
-        where = f"open {ui_link(uri, exp_id)}"
-    elif uri == default_tracking_uri() and not os.environ.get("MLFLOW_TRACKING_URI"):
-        where = f"run `fcdm-lab ui`, open {ui_link('http://127.0.0.1:5000', exp_id)}"
-    else:
-        where = f"run `MLFLOW_TRACKING_URI={uri} fcdm-lab ui`, open {ui_link('http://127.0.0.1:5000', exp_id)}"
-    text = f"Browse: {where} (run {run_id})"
-    if report:
-        text += f"; rebuild the report: `fcdm-lab report {run_id}`"
-    return text
-
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "DEFAULT_EXPERIMENT", "NullTracker", "RunPointer", "Tracker", "attach_run", "browse_hint", "check_tracking_uri",

@@ -1,0 +1,80 @@
+"""Browsing runs: the MLflow UI command, links in MLflow's model-training view, the closing
+"Browse: ..." line (split out of tracking.py by job).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from urllib.parse import urlsplit
+
+from .errors import UserError
+from .tracking import (DEFAULT_EXPERIMENT, UI_WORKFLOW_QUERY, _client, default_tracking_uri, probe_tracking_uri,
+                       resolve_tracking_uri)
+
+
+def ui_command(uri: str | None = None, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list[str]:
+    """The `mlflow ui` command line for a store. One worker: MLflow's default 4 are heavy on a
+    small machine and one person browsing needs one."""
+    uri = resolve_tracking_uri(uri)
+    if urlsplit(uri).scheme in ("http", "https"):
+        raise UserError(f"{uri} is already a tracking server: open it in a browser instead of starting a UI")
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+            "--workers", str(workers)]
+
+
+def launch_ui(uri: str | None = None, host: str = "127.0.0.1", port: int = 5000) -> int:
+    """Run `mlflow ui` in the foreground (loopback by default) until Ctrl+C or SIGTERM, then stop
+    the server (SIGTERM reaches its worker processes); returns its exit code."""
+    import signal
+
+    cmd = ui_command(uri, host, port)
+    store = cmd[cmd.index("--backend-store-uri") + 1]
+    probe_tracking_uri(store)
+    exp = _client(store).get_experiment_by_name(DEFAULT_EXPERIMENT)
+    link = ui_link(f"http://{host}:{port}", exp.experiment_id if exp is not None else None)
+    print(f"MLflow UI for {store}: open {link} (Ctrl+C to stop)", flush=True)
+    proc = subprocess.Popen(cmd)
+
+    def stop(signum, frame):  # SIGTERM to us: stop the server too instead of orphaning it
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def ui_link(base_url: str, experiment_id: str | None = None) -> str:
+    """A link to an experiment's runs table (or the UI's home) in MLflow's model-training view."""
+    path = f"#/experiments/{experiment_id}/runs" if experiment_id is not None else "#/"
+    return f"{base_url.rstrip('/')}/{path}?{UI_WORKFLOW_QUERY}"
+
+
+def browse_hint(run_id: str | None, uri: str | None = None, *, report: bool = False) -> str:
+    """One closing line: how to look at a run (a link to its experiment's runs table)."""
+    uri = resolve_tracking_uri(uri)
+    try:
+        exp_id = _client(uri).get_run(run_id).info.experiment_id if run_id else None
+    except Exception:  # a hint must not fail the command that has just finished
+        exp_id = None
+    if urlsplit(uri).scheme in ("http", "https"):
+        where = f"open {ui_link(uri, exp_id)}"
+    elif uri == default_tracking_uri() and not os.environ.get("MLFLOW_TRACKING_URI"):
+        where = f"run `fcdm-lab ui`, open {ui_link('http://127.0.0.1:5000', exp_id)}"
+    else:
+        where = f"run `MLFLOW_TRACKING_URI={uri} fcdm-lab ui`, open {ui_link('http://127.0.0.1:5000', exp_id)}"
+    text = f"Browse: {where} (run {run_id})"
+    if report:
+        text += f"; rebuild the report: `fcdm-lab report {run_id}`"
+    return text
+
+
