@@ -367,7 +367,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     except KeyboardInterrupt as e:
         if not isinstance(e, Interrupted):
             e = Interrupted(signal.SIGINT, "stopped by SIGINT (Ctrl-C)")
-        _error(f"{e}{_resume_hint(args, e)}", label="interrupted")
+        if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, one line for the job, not one per process
+            _error(f"{e}{_resume_hint(args, e)}", label="interrupted")
         sys.exit(e.exit_code)
     except UserError as e:
         _error(str(e))
