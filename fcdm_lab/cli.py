@@ -164,8 +164,13 @@ def train(
 def sample(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint file (ours or a reference FCDM one)."),
     num: int = typer.Option(64, "--num", min=1, help="Number of images."),
-    steps: int = typer.Option(250, "--steps", min=1, help="Sampling steps (DDPM/DDIM: respaced chain; flow: ODE steps)."),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="ddpm | ddim (iDDPM) or euler | heun (flow)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampling steps (default 250; the flow ODE samplers 50)."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="ddpm | ddim (iDDPM) or euler | heun | sde (flow; sde = the reference's). Default: the checkpoint's."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="ddpm | flow: override what the checkpoint records (config or reference args)."),
+    time_scale: Optional[float] = typer.Option(None, "--time-scale", help="Flow: the model sees t * this (1 = the reference's t in [0, 1])."),
+    random_labels: bool = typer.Option(False, "--random-labels", help="Labels uniform at random (the ADM protocol) instead of cycling the classes."),
+    npz_key: str = typer.Option("arr_0", "--npz-key", help="Key of the images in samples.npz: arr_0 (ADM) | arr (the reference's sampler)."),
+    tf32: bool = typer.Option(True, "--tf32/--no-tf32", help="TF32 matmuls/convolutions on CUDA (the reference's setting; no effect on CPU)."),
     eta: float = typer.Option(0.0, "--eta", help="DDIM eta (0 = deterministic)."),
     cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="Classifier-free guidance scale (1 = none)."),
     vae: Optional[str] = typer.Option(None, "--vae", help="VAE directory or hub name to decode latents (default: the run's)."),
@@ -179,16 +184,28 @@ def sample(
     """Write PNGs, a grid and an ADM-format .npz of samples from a checkpoint."""
     from .inference import sample_checkpoint
 
+    if random_labels and class_labels:
+        raise UserError("give either --class-labels or --random-labels, not both")
     res = sample_checkpoint(checkpoint, out, num=num, steps=steps, sampler=sampler, eta=eta, cfg_scale=cfg_scale, vae=vae,
-                            class_labels=class_labels, use_ema=ema, guidance_channels=guidance_channels,
-                            seed=seed, batch_size=batch_size)
+                            class_labels="random" if random_labels else class_labels, use_ema=ema,
+                            guidance_channels=guidance_channels, seed=seed, batch_size=batch_size, objective=objective,
+                            time_scale=time_scale, tf32=tf32, npz_key=npz_key)
     for key, value in res.items():
         console.print(f"{key}: {value}")
 
 
 @app.command()
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint file, ema.safetensors or run folder."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint file (ours or a reference FCDM one), ema.safetensors or run folder."),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="adm: the paper's FID-50K (50K samples, random labels, 250-step DDPM / flow SDE, ADM reference batch; fid50k, is50k, precision50k, recall50k)."),
+    samples: Optional[Path] = typer.Option(None, "--samples", help="Score this sample folder or .npz (arr or arr_0) instead of sampling (no checkpoint needed)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Local AutoencoderKL folder (or hub name) to decode latents (default: the run's)."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="ddpm | flow: override what the checkpoint records."),
+    time_scale: Optional[float] = typer.Option(None, "--time-scale", help="Flow: the model sees t * this (1 = the reference's)."),
+    guidance_channels: Optional[int] = typer.Option(None, "--guidance-channels", help="Guided channels (--protocol adm: 3, the reference's)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per sampling batch (one shard each under --protocol)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="--protocol: folder for the shards and samples.npz (default <run>/eval/adm-...); rerun to resume."),
+    tf32: bool = typer.Option(True, "--tf32/--no-tf32", help="TF32 matmuls/convolutions on CUDA (the reference's setting)."),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", min=2, help="Samples to generate (default: the run's eval.num_samples)."),
     metrics: Optional[List[str]] = typer.Option(None, "--metrics", help="Repeatable: {fid,kid,is,precision,recall}_{digits,inception}, class_acc_digits; or fid, kid, is, prc (digits network on digits data, Inception otherwise)."),
     reference: Optional[str] = typer.Option(None, "--reference", help="digits-train | digits-test | image folder | .npz"),
@@ -206,7 +223,10 @@ def evaluate(
     res = evaluate_checkpoint(checkpoint, num_samples=num_samples, metrics=metrics, reference=reference,
                               sampler=sampler, steps=steps, cfg_scale=cfg_scale, use_ema=ema,
                               inception_weights=str(inception_weights) if inception_weights else None,
-                              run_id=run_id, uri=tracking_uri)
+                              run_id=run_id, uri=tracking_uri, protocol=protocol, samples=samples, vae=vae,
+                              objective=objective, time_scale=time_scale, batch_size=batch_size, out_dir=out,
+                              guidance_channels="protocol" if guidance_channels is None else guidance_channels,
+                              tf32=tf32)
     for key, value in res.items():
         console.print(f"{key}: {value}")
 
@@ -218,13 +238,14 @@ def extract_latents(
     out: Path = typer.Option(..., "--out", help="Latent store folder to create."),
     image_size: int = typer.Option(256, "--image-size", min=8, help="Resize and center-crop images to this side before encoding."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per VAE batch."),
-    flip: bool = typer.Option(False, "--flip", help="Also store the horizontally flipped copy."),
+    flip: str = typer.Option("random", "--flip", help="random: one copy per image, mirrored or not (the reference's) | both: also a mirrored copy | none."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 (the reference's) | float16 (half the disk)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing latent store."),
 ):
     """Encode an image folder with an AutoencoderKL into a sharded latent store."""
     from .data.latents import extract_latents as run
 
-    meta = run(str(images), vae, str(out), image_size=image_size, batch_size=batch_size, flip=flip,
+    meta = run(str(images), vae, str(out), image_size=image_size, batch_size=batch_size, flip=flip, dtype=dtype,
                overwrite=overwrite)
     console.print(f"wrote {meta['count']} latents of shape {tuple(meta['shape'])} to {out}")
 
