@@ -226,8 +226,11 @@ def evaluate_checkpoint(checkpoint, *, num_samples: int | None = None, metrics: 
     if not path.exists():
         raise UserError(f"checkpoint {str(path)!r} does not exist (a training folder's checkpoints/step_*.pt "
                         f"or ema.safetensors)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
+    from accelerate import PartialState
+
+    state = PartialState()  # under `accelerate launch` each process samples its share on its own device
+    device = state.device if state.num_processes > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda":
         configure_tf32(tf32)
     model, cfg, info = load_checkpoint(path, use_ema=use_ema, device=device)
     info = dict(info or {})
@@ -272,8 +275,8 @@ def evaluate_checkpoint(checkpoint, *, num_samples: int | None = None, metrics: 
 
         def run(tr):
             return evaluate_model(model, cfg, tracker=tr, **kwargs)
-    if tracker is not None or not track:
-        return run(tracker)
+    if tracker is not None or not track or not state.is_main_process:
+        return run(tracker if state.is_main_process else None)  # only the main process logs
 
     pointer = RunPointer.find(path)
     target = None
