@@ -82,6 +82,11 @@ def test_interrupted_study_resumes_and_report_rebuilds(store, tiny_study, monkey
     (parent,) = store.search_runs(["1"], "tags.kind = 'ablation'")
     assert parent.info.status == "KILLED"
     assert statuses(parent.info.run_id) == {"grn": "FINISHED", "cca": "KILLED"}
+    import optuna
+
+    (summary,) = optuna.get_all_study_summaries("sqlite:///optuna.db")  # the engine's Optuna study
+    trials = optuna.load_study(study_name=summary.study_name, storage="sqlite:///optuna.db").trials
+    assert {t.user_attrs["variant"]: t.state.name for t in trials} == {"grn": "COMPLETE", "cca": "FAIL"}
 
     # the same command resumes it; a child that fails is reported, the parent ends FAILED
     monkeypatch.setattr(evaluate_mod, "evaluate_model", failing_cca(RuntimeError("broken variant")))
