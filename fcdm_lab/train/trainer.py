@@ -187,8 +187,11 @@ def save_ema_safetensors(state: dict, path: str | os.PathLike, metadata: dict) -
 
 def _compatible(ckpt: dict, model_info: dict, data_info: dict, path: Path) -> None:
     """A checkpoint must fit the model this config builds; say exactly what differs."""
-    old = (ckpt.get("model_info") or {}).get("kwargs", {})
     new = model_info["kwargs"]
+    # A setting added after the checkpoint was written (e.g. label_dropout) counts as its old default.
+    old = {"label_dropout": "shared", **(ckpt.get("model_info") or {}).get("kwargs", {})}
+    if "label_dropout" not in new:
+        old.pop("label_dropout")
     diff = [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if k != "grad_checkpointing" and old.get(k) != new.get(k)]
     if ckpt.get("model_info", {}).get("name") != model_info["name"]:
