@@ -1,7 +1,6 @@
 """Studies end to end on a tiny model: an interrupted 2-variant ablation resumes (finished children
 skipped), the report rebuilt from MLflow alone equals the one printed at the end; train ->
 evaluate -> rerun; bad study files, unknown studies and unreachable stores fail with UserError."""
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from fcdm_lab.config import load_experiment
 from fcdm_lab.errors import UserError
 from fcdm_lab.eval.evaluate import evaluate_checkpoint
 from fcdm_lab.studies import build_report, load_study, rerun, run_ablation, studies_table, study_names, write_report
-from fcdm_lab.tracking import RUN_FILE, get_client, train_tracked
+from fcdm_lab.tracking import RUN_FILE, train_tracked
 
 TINY = {"model.C": 8, "model.L": 1, "train.batch_size": 16, "train.log_every": 2, "train.sample_every": 0,
         "eval.num_samples": 20, "eval.steps": 4, "eval.batch_size": 20}
@@ -39,19 +38,6 @@ name = "cca"
 set = { "model.block" = { family = "convnext", mixer = "cca" } }
 match = "ratio"
 """ % ", ".join(f'"{k}" = {v}' for k, v in TINY.items())
-
-
-@pytest.fixture(scope="session")
-def _template_db(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    get_client(f"sqlite:///{path}").search_experiments()  # MLflow's migrations, once (~6 s)
-    return path
-
-
-@pytest.fixture
-def store(_template_db, tmp_path):
-    shutil.copy(_template_db, tmp_path / "mlflow.db")
-    return get_client()
 
 
 @pytest.fixture

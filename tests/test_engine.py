@@ -2,20 +2,18 @@
 under one parent; a SIGKILLed worker's child is retried and the study completes with nothing left
 RUNNING; two `ablate` commands of one study at once train no child twice."""
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import optuna
 import pytest
+from conftest import postgres_cluster
 from optuna.trial import TrialState
 
 from fcdm_lab.studies import run_ablation
-from fcdm_lab.tracking import get_client
 
 TINY = {"model.C": 8, "model.L": 1, "train.batch_size": 16, "train.log_every": 2, "train.sample_every": 0,
         "eval.num_samples": 20, "eval.steps": 4, "eval.batch_size": 20}
@@ -45,19 +43,6 @@ def write_study(tmp_path, steps=4, **extra):
     path = tmp_path / "tiny2x2.toml"
     path.write_text(STUDY % (steps, ", ".join(f'"{k}" = {v}' for k, v in items.items())))
     return path
-
-
-@pytest.fixture(scope="session")
-def _template_db(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    get_client(f"sqlite:///{path}").search_experiments()  # MLflow's migrations, once (~6 s)
-    return path
-
-
-@pytest.fixture
-def store(_template_db, tmp_path):
-    shutil.copy(_template_db, tmp_path / "mlflow.db")
-    return get_client()
 
 
 def the_study(storage="sqlite:///optuna.db"):
@@ -148,41 +133,10 @@ def test_two_ablate_commands_at_once_train_no_child_twice(store, tmp_path):
     assert sum("joining" in o for o in outs) == 1
 
 
-def _pg_bin():
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    return found[-1].parent if found else None
-
-
 @pytest.fixture
-def postgres(tmp_path):
-    """A throwaway PostgreSQL cluster on loopback (Debian's postgresql binaries; initdb refuses to
-    run as root, so as root the cluster runs as the `postgres` user)."""
-    import getpass
-    import socket
-
-    bindir = _pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL binaries not found: install Debian's `postgresql` package "
-                    "(`apt-get install -y postgresql`, as .ci/run does) to run the distributed-storage test")
-    as_root = os.geteuid() == 0
-    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
-    data = Path(tempfile.mkdtemp(prefix="fcdm-pg-"))
-    if as_root:
-        shutil.chown(data, "postgres")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    user = "postgres" if as_root else getpass.getuser()
-    run = dict(check=True, capture_output=True, timeout=120)
-    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", user], **run)
-    subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-w", "-l", str(data / "log"), "-o",
-                    f"-h 127.0.0.1 -p {port} -k {data}", "start"], **run)
-    try:
-        yield f"postgresql://{user}@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
-        shutil.rmtree(data, ignore_errors=True)
+def postgres():
+    with postgres_cluster() as url:
+        yield url
 
 
 def test_workers_share_a_postgresql_storage(store, tmp_path, postgres):

@@ -2,31 +2,17 @@
 MLflow store unchanged (no FAILED-run litter); resuming a run folder continues the same MLflow run;
 evaluation uses the in-memory EMA model with the training seed."""
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from fcdm_lab.config import load_experiment
 from fcdm_lab.errors import UserError
-from fcdm_lab.tracking import RUN_FILE, get_client, train_tracked
+from fcdm_lab.tracking import RUN_FILE, train_tracked
 
 TINY = {"model.C": 8, "model.L": 1, "train.batch_size": 16, "train.log_every": 1, "train.sample_every": 0,
         "train.ckpt_every": 2, "train.steps": 4, "eval.num_samples": 20, "eval.steps": 4, "eval.batch_size": 20,
         "eval.metrics": ["class_acc_digits"]}
-
-
-@pytest.fixture(scope="session")
-def _template_db(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    get_client(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def store(_template_db, tmp_path):
-    shutil.copy(_template_db, tmp_path / "mlflow.db")
-    return get_client()
 
 
 def all_runs(store):

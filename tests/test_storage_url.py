@@ -1,13 +1,8 @@
 """Storage URLs a person can paste: no password printed, yet usable (password from the environment),
 checked against a real password-protected PostgreSQL server through `postgresql://` (psycopg 3)."""
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
+from conftest import postgres_cluster
 
 from fcdm_lab.studies.storage import open_storage, pasteable
 
@@ -24,33 +19,11 @@ def test_pasteable_hides_the_password_but_names_its_source(url, shown, var):
 
 
 @pytest.fixture
-def password_postgres(tmp_path):
+def password_postgres():
     """A throwaway PostgreSQL cluster on loopback that demands a password (scram-sha-256)."""
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not found:
-        pytest.skip("PostgreSQL binaries not found: apt-get install -y postgresql (as .ci/run does)")
     pytest.importorskip("psycopg", reason="pip install -e '.[postgres]' for postgresql:// URLs")
-    bindir, as_root = found[-1].parent, os.geteuid() == 0
-    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
-    data = Path(tempfile.mkdtemp(prefix="fcdm-pgpw-"))
-    (data / "pw").write_text("s3cr@t\n")
-    if as_root:
-        shutil.chown(data, "postgres")
-        shutil.chown(data / "pw", "postgres")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run = dict(check=True, capture_output=True, timeout=120)
-    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data / "db"), "-A", "scram-sha-256", "-U", "fcdm",
-                    "--pwfile", str(data / "pw")], **run)
-    subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-w", "-l", str(data / "log"), "-o",
-                    f"-h 127.0.0.1 -p {port} -k {data}", "start"], **run)
-    try:
-        yield f"postgresql://fcdm:s3cr%40t@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
-        shutil.rmtree(data, ignore_errors=True)
+    with postgres_cluster(user="fcdm", password="s3cr@t") as url:
+        yield url
 
 
 def test_pasteable_postgresql_url_works_with_pgpassword(password_postgres, monkeypatch):

@@ -1,7 +1,6 @@
 """MLflow tracking: run statuses (FINISHED / FAILED / KILLED on SIGINT), children from another
 process, what a run records, URI validation and the fast failure on an unreachable server."""
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,21 +17,6 @@ from fcdm_lab.errors import UserError
 from fcdm_lab.tracking import (NullTracker, check_tracking_uri, config_from_toml, config_to_toml, default_tracking_uri,
                                get_client, log_run_config, probe_tracking_uri, resolve_tracking_uri, standard_tags,
                                tracked_run, ui_command)
-
-
-@pytest.fixture(scope="session")
-def _template_db(tmp_path_factory):
-    """An empty MLflow database made once: creating one runs MLflow's migrations (~6 s)."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    get_client(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def store(_template_db, tmp_path):
-    """The per-test store conftest points MLFLOW_TRACKING_URI at, pre-created from the template."""
-    shutil.copy(_template_db, tmp_path / "mlflow.db")
-    return get_client()
 
 
 def closed_port() -> int:
