@@ -63,29 +63,7 @@ def preflight(cfg, out_dir, *, resume: Optional[str] = None) -> Preflight:
 
     out_dir = Path(out_dir)
     _writable_folder(out_dir)
-    if resume is None:
-        existing = ckpt_io.list_checkpoints(out_dir)
-        if existing:
-            raise UserError(f"{out_dir} already has checkpoints (newest: step {existing[-1][0]}); resume them "
-                            f"with --resume latest or choose another output folder")
-    elif resume == "latest":
-        if ckpt_io.find_latest_checkpoint(out_dir) is None:
-            raise UserError(f"nothing to resume: no valid checkpoint in {ckpt_io.checkpoint_dir(out_dir)}; "
-                            f"start without --resume, or pass a checkpoint path")
-    else:
-        path = Path(resume)
-        if not path.is_file():
-            raise UserError(f"checkpoint {str(path)!r} does not exist; pass --resume latest or a "
-                            f"checkpoints/step_*.pt file")
-        try:
-            ckpt = ckpt_io.read_checkpoint(path)
-        except UserError:
-            raise
-        except Exception as e:  # truncated, a text file, a foreign pickle
-            raise UserError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}); pass an intact "
-                            f"checkpoints/step_*.pt file or --resume latest") from None
-        if not ckpt_io.is_training_checkpoint(ckpt):
-            raise UserError(f"{path} is not an fcdm-lab training checkpoint; only those can be resumed")
+    ckpt_io.resume_source(out_dir, resume)
     info = model_info_for(cfg)  # the data and a meta-device model build: bad blocks, shapes, data fail here
     return Preflight(resume, info)
 

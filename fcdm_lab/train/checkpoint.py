@@ -186,3 +186,38 @@ def find_latest_checkpoint(out_dir: str | os.PathLike) -> tuple[Path, dict] | No
             return path, ckpt
         warnings.warn(f"skipping {path}: not an fcdm-lab training checkpoint", stacklevel=2)
     return None
+
+
+def resume_source(out_dir: str | os.PathLike, resume: str | None) -> tuple[Path | None, dict | None]:
+    """What a training into `out_dir` resumes from: (None, None) for a fresh run (refused if the
+    folder already has checkpoints), the newest valid checkpoint for "latest", or the given file.
+    UserError, naming the fix, for anything that cannot be resumed. One place for both the checks
+    made before a tracked run is created and the trainer itself."""
+    out_dir = Path(out_dir)
+    if resume is None:
+        existing = list_checkpoints(out_dir)
+        if existing:
+            raise UserError(f"{out_dir} already has checkpoints (newest: step {existing[-1][0]}); resume them "
+                            f"with --resume latest (resume='latest') or choose another output folder")
+        return None, None
+    if resume == "latest":
+        found = find_latest_checkpoint(out_dir)
+        if found is None:
+            raise UserError(f"nothing to resume: no valid checkpoint in {checkpoint_dir(out_dir)}; "
+                            f"start without --resume, or pass a checkpoint path")
+        return found
+    path = Path(resume)
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist; pass --resume latest or a "
+                        f"checkpoints/step_*.pt file")
+    try:
+        ckpt = read_checkpoint(path)
+    except UserError:
+        raise
+    except Exception as e:  # truncated, a text file, a foreign pickle
+        raise UserError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}); pass an intact "
+                        f"checkpoints/step_*.pt file or --resume latest") from None
+    if not is_training_checkpoint(ckpt):
+        raise UserError(f"{path} is not an fcdm-lab training checkpoint (keys: {', '.join(map(str, sorted(ckpt)))}); "
+                        f"only those can be resumed")
+    return path, ckpt

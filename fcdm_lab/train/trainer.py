@@ -339,24 +339,7 @@ def _train(cfg: ExperimentConfig, out_dir: str | os.PathLike, stop: StopRequest,
     # ---- what to resume from
     if main:
         ckpt_io.remove_stale_temporaries(out_dir)
-    ckpt, ckpt_path = None, None
-    if resume is None:
-        existing = ckpt_io.list_checkpoints(out_dir)
-        if existing:
-            raise UserError(f"{out_dir} already has checkpoints (newest: step {existing[-1][0]}); resume them "
-                            f"with resume='latest' (--resume latest) or choose another output folder")
-    elif resume == "latest":
-        found = ckpt_io.find_latest_checkpoint(out_dir)
-        if found is None:
-            raise UserError(f"nothing to resume: no valid checkpoint in {ckpt_io.checkpoint_dir(out_dir)}; "
-                            f"start without --resume, or pass a checkpoint path")
-        ckpt_path, ckpt = found
-    else:
-        ckpt_path = Path(resume)
-        ckpt = ckpt_io.read_checkpoint(ckpt_path)
-        if not ckpt_io.is_training_checkpoint(ckpt):
-            raise UserError(f"{ckpt_path} is not an fcdm-lab training checkpoint (keys: {choices(sorted(ckpt))}); "
-                            f"only those can be resumed")
+    ckpt_path, ckpt = ckpt_io.resume_source(out_dir, resume)
 
     # ---- data, model, objective (identical init on every process: seeded before building)
     dataset, data_info = build_dataset(_data_config(cfg), "train")
