@@ -79,7 +79,9 @@ def test_two_workers_train_each_child_once_under_one_parent(store, tmp_path):
     rows = {r.variant: r for r in result.report.rows}
     assert rows["cca"].verdicts["fid_digits"].diff.n == 2
     assert rows["cca"].verdicts["fid_digits"].verdict in ("better", "worse", "inconclusive")
-    assert "verdict.cca.fid_digits" in store.get_run(result.parent_run_id).data.tags
+    tags = store.get_run(result.parent_run_id).data.tags
+    assert "verdict.cca.fid_digits" in tags
+    assert "| cca |" in tags["mlflow.note.content"].replace("`", "")  # the run page's description is the report
     # the same command again joins the finished study: nothing is trained, the report is rebuilt
     again = run_ablation(str(write_study(tmp_path)), workers=2, progress=False)
     assert again.parent_run_id == result.parent_run_id and again.trained_here == 0

@@ -268,8 +268,14 @@ class Report:
         if self.paper_comparison is not None:
             metrics.update(self.paper_comparison.metrics())
         tracker.log_metrics(metrics)
-        tracker.set_tags(tags)
+        # The run page's description (MLflow renders it as markdown): the answer, not two clicks away.
+        note = self.markdown()
+        if len(note) > NOTE_LIMIT:
+            note = note[:NOTE_LIMIT] + f"\n\n... (cut; the whole report is the artifact {REPORT_DIR}/report.md)"
+        tracker.set_tags({**tags, "mlflow.note.content": note})
 
+
+NOTE_LIMIT = 7000  # MLflow keeps tag values up to 8000 characters
 
 # ---------------------------------------------------------------------------------------------
 # Rebuilding from MLflow
