@@ -32,7 +32,7 @@ from ..errors import UserError
 from ..tracking import (DEFAULT_EXPERIMENT, STATUS_FAILED, STATUS_FINISHED, STATUS_KILLED, STATUS_RUNNING,
                         browse_hint, experiment_id, get_client, git_state, package_versions, resolve_tracking_uri,
                         tracked_run)
-from .engine import PARENT_ATTR, URI_ATTR, claim_waiting, default_workers, run_workers, work
+from .engine import PARENT_ATTR, URI_ATTR, check_parent_reachable, claim_waiting, default_workers, run_workers, work
 from .report import STUDY_FILE, Report, build_report
 from .spec import ChildPlan, StudyPlan, StudySpec, list_studies, load_study, model_info_for, plan_study
 from .storage import DEFAULT_STORAGE, check_storage_url, open_storage, redact, sqlite_init_lock
@@ -269,12 +269,7 @@ def _create_or_join(plan: StudyPlan, storage, study_name: str, *, client, exp_id
         raise UserError(f"Optuna study {study_name!r} in {storage_text} has no MLflow parent run id (its creator "
                         f"died while setting it up); delete it (`optuna delete-study --study-name {study_name} "
                         f"--storage URL`) and run again")
-    try:
-        client.get_run(parent)
-    except Exception:
-        where = study.user_attrs.get(URI_ATTR, "the creator's URI")
-        raise UserError(f"the study's parent MLflow run {parent} is not in {uri}; workers must share one tracking "
-                        f"store: pass --tracking-uri {where}") from None
+    check_parent_reachable(client, study, parent, uri, "study")
     return study, parent, Path(study.user_attrs[ROOT_ATTR]), False
 
 

@@ -47,6 +47,18 @@ class Job(Protocol):
     def finished(self, study) -> bool: ...
 
 
+def check_parent_reachable(client, study, parent: str, uri: str, what: str) -> None:
+    """A worker joining a study must see the parent MLflow run its creator made: the same store."""
+    from ..errors import UserError
+
+    try:
+        client.get_run(parent)
+    except Exception:
+        where = study.user_attrs.get(URI_ATTR, "the creator's URI")
+        raise UserError(f"the {what}'s parent MLflow run {parent} is not in {uri}; workers must share one "
+                        f"tracking store: pass --tracking-uri {where}") from None
+
+
 def claim_waiting(study, accept: Callable[[Any], bool] | None = None):
     """Atomically take a WAITING trial (WAITING -> RUNNING; a trial taken by another worker at the
     same moment is skipped), oldest first; None when there is none. accept(frozen) filters."""
@@ -258,5 +270,5 @@ def run_workers(kind: str, kwargs: Dict[str, Any], workers: int) -> List[int]:
     return [p.exitcode for p in procs]
 
 
-__all__ = ["Job", "PARENT_ATTR", "URI_ATTR", "WorkReport", "claim_waiting", "default_workers", "fail_stale",
+__all__ = ["Job", "PARENT_ATTR", "URI_ATTR", "WorkReport", "check_parent_reachable", "claim_waiting", "default_workers", "fail_stale",
            "heartbeat", "run_workers", "threads_per_worker", "work"]

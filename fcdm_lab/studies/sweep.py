@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from ..config import ExperimentConfig, check_name, load_experiment
 from ..errors import UserError, choices
-from .engine import PARENT_ATTR, URI_ATTR, claim_waiting, run_workers, work
+from .engine import PARENT_ATTR, URI_ATTR, check_parent_reachable, claim_waiting, run_workers, work
 from .storage import check_storage_url, open_storage, pasteable, redact, sqlite_init_lock
 from .spec import model_info_for, normalize_overrides
 # re-exported: sweep files and results keep their import path through this module
@@ -307,12 +307,7 @@ def _create_or_join(spec: SweepSpec, storage, study_name: str, *, uri: str, fing
             parent = new_parent()
             study.set_user_attr(PARENT_ATTR, parent)
             study.set_user_attr(URI_ATTR, uri)
-        try:
-            client.get_run(parent)
-        except Exception:
-            where = study.user_attrs.get(URI_ATTR, "the creator's URI")
-            raise UserError(f"the sweep's parent MLflow run {parent} is not in {uri}; workers must share one "
-                            f"tracking store: pass --tracking-uri {where}") from None
+        check_parent_reachable(client, study, parent, uri, "sweep")
         return study, parent, False
 
     def new_parent() -> str:
