@@ -24,6 +24,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("FCDM_TEST_THREADS", "1")))
 
+# A tiny-digits study child that trains and evaluates in seconds (test_ablate, test_engine)
+TINY = {"model.C": 8, "model.L": 1, "train.batch_size": 16, "train.log_every": 2, "train.sample_every": 0,
+        "eval.num_samples": 20, "eval.steps": 4, "eval.batch_size": 20}
+
 
 @pytest.fixture(autouse=True)
 def _isolated_stores(tmp_path, monkeypatch):

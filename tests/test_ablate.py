@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 
 import fcdm_lab.eval.evaluate as evaluate_mod
 from fcdm_lab.config import load_experiment
@@ -14,8 +15,6 @@ from fcdm_lab.eval.evaluate import evaluate_checkpoint
 from fcdm_lab.studies import build_report, load_study, rerun, run_ablation, studies_table, study_names, write_report
 from fcdm_lab.tracking import RUN_FILE, train_tracked
 
-TINY = {"model.C": 8, "model.L": 1, "train.batch_size": 16, "train.log_every": 2, "train.sample_every": 0,
-        "eval.num_samples": 20, "eval.steps": 4, "eval.batch_size": 20}
 
 STUDY = """
 description = "tiny GRN vs CCA"

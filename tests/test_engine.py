@@ -10,13 +10,11 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import postgres_cluster
+from conftest import TINY, postgres_cluster
 from optuna.trial import TrialState
 
 from fcdm_lab.studies import run_ablation
 
-TINY = {"model.C": 8, "model.L": 1, "train.batch_size": 16, "train.log_every": 2, "train.sample_every": 0,
-        "eval.num_samples": 20, "eval.steps": 4, "eval.batch_size": 20}
 
 STUDY = """
 description = "tiny GRN vs CCA"
