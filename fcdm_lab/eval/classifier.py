@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
 from fcdm_lab.errors import UserError
@@ -243,6 +244,16 @@ def classifier_cache_path(cfg: TrainConfig | None = None, name: str = "digits") 
     return _train_tensors_and_path(spec, cfg or spec.cfg)[2]
 
 
+def _load_cached(path: Path) -> dict | None:
+    """The cached weights at `path`, or None when absent or unreadable (e.g. a disk filled mid-write)."""
+    if not path.exists():
+        return None
+    try:
+        return load_file(path)
+    except Exception:  # unreadable: retrain
+        return None
+
+
 def get_classifier(name: str = "digits", device: str | torch.device = "cpu",
                    cfg: TrainConfig | None = None) -> ImageClassifier:
     """Classifier `name` ("digits" | "fashion") in eval mode on `device`: loaded from the cache, or
@@ -252,20 +263,21 @@ def get_classifier(name: str = "digits", device: str | torch.device = "cpu",
     cfg = cfg or spec.cfg
     x, y, path = _train_tensors_and_path(spec, cfg)
     model = ImageClassifier(cfg.widths, cfg.feature_dim, spec.size)
-    state = None
-    if path.exists():
-        try:
-            state = load_file(path)
-        except Exception:  # unreadable (e.g. a disk filled mid-write by another tool): retrain
-            state = None
-    if state is not None:
-        model.load_state_dict(state)
-    else:
-        model = _train_classifier(x, y, cfg)
-        xt, yt = spec.test_data()
-        test_acc = accuracy(model, xt, yt)
-        _atomic_save(model.state_dict(), path, {"test_accuracy": f"{test_acc:.6f}",
-                                                "config": json.dumps(asdict(cfg))})
+    state = _load_cached(path)
+    if state is None:
+        # Workers of one study share the cache: the first trains, the others wait for its file
+        # (filelock: a cross-process lock that also works on NFS-less shared folders and Windows).
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            state = _load_cached(path)
+            if state is None:
+                trained = _train_classifier(x, y, cfg)
+                xt, yt = spec.test_data()
+                test_acc = accuracy(trained, xt, yt)
+                state = {k: v.detach().clone() for k, v in trained.state_dict().items()}
+                _atomic_save(state, path, {"test_accuracy": f"{test_acc:.6f}",
+                                           "config": json.dumps(asdict(cfg))})
+    model.load_state_dict(state)
     model.requires_grad_(False)
     return model.eval().to(device)
 
