@@ -28,7 +28,7 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Dict, Iterator, Mapping, Optional
 from urllib.parse import urlsplit
 
 from .errors import UserError, choices
@@ -249,8 +249,10 @@ class Tracker:
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
 
-    def log_image(self, image, artifact_file: str) -> None:
-        self.client.log_image(self.run_id, _to_image_array(image), artifact_file=artifact_file)
+    def log_image(self, image, key: str, step: int = 0) -> None:
+        """One image of a stepped series (key + step: MLflow's experiment chart view compares a key's
+        images across runs with a step slider; plain artifact files cannot be compared)."""
+        self.client.log_image(self.run_id, _to_image_array(image), key=key, step=int(step))
 
     def log_artifact(self, local_path, artifact_path: str | None = None) -> None:
         path = Path(local_path)
@@ -271,6 +273,28 @@ class Tracker:
         items = [RunTag(str(k), str(v)) for k, v in tags.items() if v is not None]
         if items:
             self.client.log_batch(self.run_id, tags=items)
+
+
+def logged_images(client, run_id: str, key: str) -> Dict[int, str]:
+    """{step: artifact path of the full-size PNG} of a run's stepped image series `key`.
+
+    Hand-parsed because MLflow has no reader for these (its UI parses the names in JavaScript):
+    `MlflowClient.log_image(key=, step=)` stores `images/<key, / as ~>+step+<N>+timestamp+<ms>+<uuid>.png`
+    next to a `+compressed.webp` preview. The newest image wins when one step was logged twice."""
+    prefix = key.replace("/", "~") + "+step+"
+    found: Dict[int, tuple[int, str]] = {}
+    for item in client.list_artifacts(run_id, "images"):
+        name = item.path.rsplit("/", 1)[-1]
+        if item.is_dir or not name.startswith(prefix) or not name.endswith(".png"):
+            continue
+        parts = name[len(prefix):].split("+")  # N, "timestamp", ms, uuid.png
+        try:
+            step, stamp = int(parts[0]), int(parts[2])
+        except (IndexError, ValueError):
+            continue
+        if step not in found or stamp >= found[step][0]:
+            found[step] = (stamp, item.path)
+    return {step: path for step, (_, path) in sorted(found.items())}
 
 
 class NullTracker:
@@ -381,7 +405,7 @@ def __getattr__(name: str):
 __all__ = [
     "DEFAULT_EXPERIMENT", "NullTracker", "RunPointer", "Tracker", "attach_run", "browse_hint", "check_tracking_uri",
     "config_from_toml", "config_to_toml", "default_tracking_uri", "experiment_id", "get_client", "get_run",
-    "git_state", "is_main_process", "launch_ui", "log_run_config", "model_params", "package_versions",
+    "git_state", "is_main_process", "launch_ui", "log_run_config", "logged_images", "model_params", "package_versions",
     "probe_tracking_uri", "resolve_tracking_uri", "standard_tags", "tracked_run", "train_in_run", "train_tracked",
     "run_environment", "ui_command", "ui_link",
 ]

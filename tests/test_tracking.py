@@ -9,13 +9,14 @@ import textwrap
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 
 from fcdm_lab.config import load_experiment
 from fcdm_lab.errors import UserError
 from fcdm_lab.tracking import (NullTracker, check_tracking_uri, config_from_toml, config_to_toml, default_tracking_uri,
-                               get_client, log_run_config, probe_tracking_uri, resolve_tracking_uri, standard_tags,
+                               get_client, log_run_config, logged_images, probe_tracking_uri, resolve_tracking_uri, standard_tags,
                                tracked_run, ui_command)
 
 
@@ -28,7 +29,8 @@ def closed_port() -> int:
 def test_run_statuses_and_logging(store):
     with tracked_run("ok", tags={"study": "s"}, params={"a": 1, "nested": {"x": [1, 2]}}) as t:
         t.log_metrics({"loss": 0.5, "acc": 1}, step=3)
-        t.log_image(np.zeros((8, 8, 3), np.uint8), "samples/grid.png")
+        t.log_image(np.zeros((8, 8, 3), np.uint8), "samples", step=3)
+        t.log_image(np.full((8, 8, 3), 255, np.uint8), "samples", step=5)
         t.log_dict({"k": 1}, "info.json")
         t.log_text("hello", "notes/a.md")
         t.set_tags({"variant": "v", "skip": None})
@@ -39,7 +41,11 @@ def test_run_statuses_and_logging(store):
     assert run.data.params == {"a": "1", "nested": '{"x": [1, 2]}'}
     assert run.data.metrics == {"loss": 0.5, "acc": 1.0}
     assert run.data.tags["study"] == "s" and run.data.tags["variant"] == "v" and "skip" not in run.data.tags
-    assert {a.path for a in store.list_artifacts(t.run_id)} == {"samples", "info.json", "notes"}
+    assert {a.path for a in store.list_artifacts(t.run_id)} == {"images", "info.json", "notes"}
+    # a stepped image series (MLflow's chart view compares it across runs), read back by step
+    grids = logged_images(store, t.run_id, "samples")
+    assert list(grids) == [3, 5] and logged_images(store, t.run_id, "other") == {}
+    assert mlflow.artifacts.load_image(f"runs:/{t.run_id}/{grids[5]}").getpixel((0, 0)) == (255, 255, 255)
     assert store.get_run(child.run_id).data.tags["mlflow.parentRunId"] == t.run_id
 
     with pytest.raises(RuntimeError):
@@ -174,10 +180,10 @@ def test_http_tracking_server(tmp_path):
                 time.sleep(1)
         with tracked_run("remote", uri=uri, params={"a": 1}) as t:
             t.log_metrics({"loss": 1.0}, step=1)
-            t.log_image(np.zeros((4, 4, 3), np.uint8), "samples/g.png")
+            t.log_image(np.zeros((4, 4, 3), np.uint8), "samples", step=2)
         run = get_client(uri).get_run(t.run_id)
         assert run.info.status == "FINISHED" and run.data.metrics == {"loss": 1.0}
-        assert [a.path for a in get_client(uri).list_artifacts(t.run_id)] == ["samples"]
+        assert list(logged_images(get_client(uri), t.run_id, "samples")) == [2]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -121,8 +121,8 @@ def test_checkpoint_layout_keep_last_and_final_files(tmp_path):
         def log_metrics(self, metrics, step):
             logged.append((step, metrics))
 
-        def log_image(self, image, artifact_file):
-            images.append((np.asarray(image).shape, artifact_file))
+        def log_image(self, image, key, step=0):
+            images.append((np.asarray(image).shape, key, step))
 
         def log_artifact(self, local_path, artifact_path=None):
             artifacts.append(local_path)
@@ -142,7 +142,7 @@ def test_checkpoint_layout_keep_last_and_final_files(tmp_path):
     # sample grids at step 3 and at the end (a row of 8 per class, enlarged tiles), as PNG and tracker images
     assert sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png")) == ["step_0000003.png",
                                                                                       "step_0000006.png"]
-    assert images[-1][1] == "samples/step_0000006.png" and images[-1][0][2] == 3
+    assert [(k, s) for _, k, s in images] == [("samples", 3), ("samples", 6)] and images[-1][0][2] == 3
     # final EMA weights (== the final checkpoint's EMA) and the resolved config, which reloads as it was
     from safetensors.torch import load_file
 
@@ -258,7 +258,7 @@ def test_grad_accum_and_max_steps(tmp_path):
         def log_metrics(self, metrics, step):
             logged.append(metrics)
 
-        def log_image(self, image, artifact_file):
+        def log_image(self, image, key, step=0):
             pass
 
         def log_artifact(self, local_path, artifact_path=None):

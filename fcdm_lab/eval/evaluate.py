@@ -182,7 +182,7 @@ def evaluate_model(model: torch.nn.Module, cfg, *, num_samples: int | None = Non
         tracker.log_metrics({**values, "eval.num_samples": num, "eval.sample_time_s": sample_time,
                              "eval.wall_time_s": time.time() - start}, step=step or 0)
         tracker.set_tags({"eval.weights": weights, "eval.reference": str(reference), "eval.seed": seed})
-        tracker.log_image(_grid(images), f"samples/eval_{weights}_step{step or 0}.png")
+        tracker.log_image(_grid(images), "eval_samples", step or 0)
     return values
 
 

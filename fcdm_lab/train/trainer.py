@@ -303,7 +303,7 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, resume: str | No
     resume: None (fresh; refused if out_dir already has checkpoints), "latest" (the newest valid
     checkpoint in out_dir), or a checkpoint path. max_steps: stop once this many steps are done in
     total (<= cfg.train.steps; the schedule and config stay those of cfg, so a later resume continues).
-    tracker: duck-typed `log_metrics(dict, step)`, `log_image(array_or_pil, artifact_file)`,
+    tracker: duck-typed `log_metrics(dict, step)`, `log_image(array_or_pil, key, step)`,
     `log_artifact(local_path, artifact_path=None)`; only the main process calls it.
 
     SIGTERM, SIGINT and SIGUSR1 stop the run after the current step with a checkpoint, raising
@@ -428,7 +428,7 @@ def _train(cfg: ExperimentConfig, out_dir: str | os.PathLike, stop: StopRequest,
         name = f"step_{step:07d}.png"
         grid = save_grid(images, out_dir / "samples" / name, nrow=8)
         if tracker is not None:
-            tracker.log_image(grid, f"samples/{name}")
+            tracker.log_image(grid, "samples", step)
 
     def save_checkpoint(step: int, loss: float) -> Path:
         """Collective: gathers every process's RNG state; only the main process writes."""
