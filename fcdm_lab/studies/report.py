@@ -3,6 +3,9 @@
     report = build_report(parent_run_id)      # reads the parent's study.json and its children
     console.print(report.table()); report.write("reports/x"); report.log(tracker)
 
+report.html (report_html.py) adds a forest plot of the paired differences, each variant's
+evaluation samples and the loss curves: build_report fetches those histories and grids too.
+
 Per variant: params, GMACs and whether they match the baseline's within 1% (with the solved
 knob), every metric as mean +- 95% confidence half-width over seeds (Student t; one seed shows the
 value and says n=1), and per metric the paired difference to the baseline over the seeds both
@@ -14,11 +17,12 @@ as metrics and tags. The rich table itself is rendered in display.py.
 """
 from __future__ import annotations
 
+import io
 import json
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import UserError
 from .spec import lower_is_better
@@ -27,11 +31,23 @@ from .verdicts import NO_ERROR_BAR, Stat, Verdict, paired_verdict, summarize
 MATCH_TOLERANCE = 0.01   # "compute-matched" = GMACs within 1% of the baseline's
 STUDY_FILE = "study.json"
 REPORT_DIR = "report"
+LOSS_METRIC = "loss"            # the trainer's step metric (train/trainer.py), overlaid in report.html
+EVAL_IMAGES = "eval_samples"    # the evaluation's stepped sample grid (eval/evaluate.py), side by side in report.html
+GRID_MAX_SIDE = 768             # grids are shrunk to this (pixels) for report.html: 256x256 grids run to MBs
 
 
 # ---------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SampleGrid:
+    """One child's evaluation sample grid, as PNG bytes (shrunk to GRID_MAX_SIDE)."""
+
+    seed: int
+    step: int
+    png: bytes
+
 
 @dataclass
 class Row:
@@ -48,6 +64,9 @@ class Row:
     wall_time_s: Optional[Stat] = None
     paper: Optional[Dict[str, float]] = None
     run_ids: List[str] = field(default_factory=list)
+    # For report.html only (not in summary.json): seed -> [(step, loss)], and one seed's sample grid
+    loss_history: Dict[int, List[Tuple[int, float]]] = field(default_factory=dict)
+    sample_grid: Optional[SampleGrid] = None
 
     @property
     def diff(self) -> Optional[Stat]:
@@ -109,6 +128,7 @@ class Report:
     steps: Optional[int]
     missing: List[str] = field(default_factory=list)   # "variant/seed" children without results
     paper_comparison: Optional[Any] = None   # studies/paper.py: the ordering against the paper's FIDs
+    loss_metric: str = LOSS_METRIC
 
     @property
     def lower_is_better(self) -> bool:
@@ -247,19 +267,26 @@ class Report:
         return path
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        """The numbers (summary.json); the loss histories and sample grids stay in MLflow."""
+        out = asdict(self)
+        for row in out["rows"]:
+            row.pop("loss_history", None)
+            row.pop("sample_grid", None)
+        return out
 
     def write(self, folder) -> Dict[str, Path]:
+        from .report_html import write_html
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "report.md").write_text(self.markdown())
         (folder / "summary.json").write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
         return {"markdown": folder / "report.md", "plot": self.plot(folder / "plot.png"),
-                "summary": folder / "summary.json"}
+                "summary": folder / "summary.json", "html": write_html(self, folder / "report.html")}
 
     def log(self, tracker) -> None:
-        """Log report.md, plot.png and summary.json under `report/` of the study's run, and the
-        verdicts as its metrics and tags."""
+        """Log report.md, plot.png, summary.json and report.html under `report/` of the study's run,
+        and the verdicts as its metrics and tags."""
         with tempfile.TemporaryDirectory() as tmp:
             paths = self.write(tmp)
             for p in paths.values():
@@ -302,6 +329,32 @@ def _float(params: Dict[str, str], key: str) -> Optional[float]:
         return float(params[key])
     except (KeyError, ValueError):
         return None
+
+
+def loss_history(client, run_id: str, key: str = LOSS_METRIC) -> List[Tuple[int, float]]:
+    """[(step, value)] of a run's metric, by step."""
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def sample_grid(client, runs) -> Optional[SampleGrid]:
+    """The evaluation grid (EVAL_IMAGES, its latest step) of the first (seed, run) that logged one."""
+    from PIL import Image
+
+    from ..tracking import logged_images
+
+    for seed, run in runs:
+        images = logged_images(client, run.info.run_id, EVAL_IMAGES)
+        if not images:
+            continue
+        step, path = max(images.items())
+        with tempfile.TemporaryDirectory() as tmp:
+            with Image.open(client.download_artifacts(run.info.run_id, path, tmp)) as image:
+                image = image.convert("RGB")
+                image.thumbnail((GRID_MAX_SIDE, GRID_MAX_SIDE))
+                buf = io.BytesIO()
+                image.save(buf, format="PNG", optimize=True)
+        return SampleGrid(int(seed), int(step), buf.getvalue())
+    return None
 
 
 def build_report(run_id: str, uri: str | None = None, against_paper: Optional[bool] = None) -> Report:
@@ -363,6 +416,8 @@ def build_report(run_id: str, uri: str | None = None, against_paper: Optional[bo
                 if stat is not None:
                     row.metrics[m] = stat
             row.wall_time_s = summarize([r.data.metrics.get("train.wall_time_s") for _, r in runs])
+            row.loss_history = {s: h for s, r in runs if (h := loss_history(client, r.info.run_id))}
+            row.sample_grid = sample_grid(client, runs)
             if v != baseline:
                 paired = [(r.data.metrics, base_runs[s].data.metrics) for s, r in runs if s in base_runs]
                 for m in [primary, *[c for c in columns if c != primary]]:
@@ -389,7 +444,7 @@ def build_report(run_id: str, uri: str | None = None, against_paper: Optional[bo
 def report_command(run_id: str, uri: str | None = None, out_dir=None, console=None,
                    against_paper: Optional[bool] = None) -> tuple[Report, Dict[str, Path]]:
     """The `fcdm-lab report RUN_ID` library function: rebuild the report, print the table, write
-    report.md / plot.png / summary.json (default reports/<study>-<run id>/) and log them again."""
+    report.md / plot.png / summary.json / report.html (default reports/<study>-<run id>/) and log them again."""
     from rich.console import Console
 
     from ..tracking import attach_run
@@ -400,7 +455,8 @@ def report_command(run_id: str, uri: str | None = None, out_dir=None, console=No
     folder = Path(out_dir) if out_dir is not None else Path("reports") / f"{report.study}-{run_id[:8]}"
     paths = report.write(folder)
     report.log(attach_run(run_id, uri))
-    console.print(f"Report written to {paths['markdown']} and {paths['plot']}, and logged to run {run_id}")
+    console.print(f"Report written to {paths['markdown']}, {paths['plot']} and {paths['html']}, and logged to run "
+                  f"{run_id}", highlight=False)
     return report, paths
 
 
