@@ -254,6 +254,23 @@ def extract_latents(
 # Studies
 # ---------------------------------------------------------------------------------------------
 
+# Where the workers of a study or sweep run (studies/engine.py: Launcher)
+LauncherOpt = typer.Option("processes", "--launcher", help="Where the workers run: processes (on this machine) | submitit-local (each worker a submitit job on this machine, logs in --job-logs) | slurm (each worker a Slurm job, one job array, through submitit).")
+PartitionOpt = typer.Option(None, "--partition", help="Slurm partition of the worker jobs (--launcher slurm; default: the cluster's).")
+GpusOpt = typer.Option(None, "--gpus-per-worker", min=0, help="GPUs of each worker job (--launcher slurm; default 0).")
+TimeLimitOpt = typer.Option(None, "--time-limit", min=1, help="Wall-clock limit of each worker job, in MINUTES (required with --launcher slurm); 90 s before it the worker checkpoints and stops, and the same command resumes.")
+CpusOpt = typer.Option(None, "--cpus-per-worker", min=1, help="CPU cores and torch threads of each worker job (slurm: default 1; submitit-local: default cores / workers).")
+JobLogsOpt = typer.Option(None, "--job-logs", help="Folder of the worker jobs' submitit scripts, pickles and stdout/stderr logs (default runs/submitit/<Optuna study name>).")
+WorkersOpt = typer.Option(None, "--workers", min=1, help="Workers: processes on this machine, or jobs with --launcher slurm / submitit-local (default: one 1-thread worker per CPU core, one per GPU; one job with slurm).")
+
+
+def _launcher(kind, partition, gpus, time_limit, cpus, job_logs):
+    from .studies.engine import Launcher
+
+    return Launcher.from_options(kind, partition=partition, gpus_per_worker=gpus, time_limit_min=time_limit,
+                                 cpus_per_worker=cpus, job_logs=job_logs)
+
+
 @app.command()
 def ablate(
     name: Optional[str] = typer.Argument(None, help="Study name in studies/ (omit to list them)."),
@@ -262,17 +279,24 @@ def ablate(
     set_: Optional[List[str]] = SetOpt,
     tracking_uri: Optional[str] = UriOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the children's runs (default runs/studies/<study>-<run id>)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker processes on this machine (default: one 1-thread worker per CPU core, one per GPU)."),
+    workers: Optional[int] = WorkersOpt,
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default sqlite:///optuna.db); the same URL on other machines joins the study."),
+    launcher: str = LauncherOpt,
+    partition: Optional[str] = PartitionOpt,
+    gpus_per_worker: Optional[int] = GpusOpt,
+    time_limit: Optional[int] = TimeLimitOpt,
+    cpus_per_worker: Optional[int] = CpusOpt,
+    job_logs: Optional[Path] = JobLogsOpt,
 ):
     """Run an ablation study: one MLflow parent run, one child per variant and seed, verdicts."""
     from .studies import ablate as ab
 
+    launch = _launcher(launcher, partition, gpus_per_worker, time_limit, cpus_per_worker, job_logs)
     if name is None:
         ab.print_studies(console)
         return
     ab.run_ablation(name, seeds=seeds, steps=steps, overrides=_overrides(set_), uri=tracking_uri,
-                    out_dir=out, console=console, workers=workers, storage=storage)
+                    out_dir=out, console=console, workers=workers, storage=storage, launcher=launch)
 
 
 @app.command()
@@ -285,17 +309,23 @@ def sweep(
     tracking_uri: Optional[str] = UriOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the trials' runs, table and plot."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps of every trial (replaces the file's budget)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker processes on this machine (default: one 1-thread worker per CPU core, one per GPU)."),
+    workers: Optional[int] = WorkersOpt,
+    launcher: str = LauncherOpt,
+    partition: Optional[str] = PartitionOpt,
+    gpus_per_worker: Optional[int] = GpusOpt,
+    time_limit: Optional[int] = TimeLimitOpt,
+    cpus_per_worker: Optional[int] = CpusOpt,
+    job_logs: Optional[Path] = JobLogsOpt,
 ):
     """Optuna sweep over L and C (single objective with pruning, or a Pareto front)."""
-    from .studies.engine import default_workers
     from .studies.sweep import run_sweep
 
+    launch = _launcher(launcher, partition, gpus_per_worker, time_limit, cpus_per_worker, job_logs)
     overrides = _overrides(set_)
     if steps is not None:
         overrides["train.steps"] = steps
     run_sweep(name, trials=trials, storage=storage, study_name=study_name, uri=tracking_uri,
-              overrides=overrides, out_dir=out, workers=workers or default_workers())
+              overrides=overrides, out_dir=out, workers=workers or launch.default_workers(), launcher=launch)
 
 
 @app.command()

@@ -32,7 +32,7 @@ from ..errors import UserError
 from ..tracking import (DEFAULT_EXPERIMENT, STATUS_FAILED, STATUS_FINISHED, STATUS_KILLED, STATUS_RUNNING,
                         browse_hint, experiment_id, get_client, git_state, package_versions, resolve_tracking_uri,
                         tracked_run)
-from .engine import PARENT_ATTR, URI_ATTR, check_parent_reachable, claim_waiting, default_workers, run_workers, work
+from .engine import PARENT_ATTR, URI_ATTR, Launcher, check_parent_reachable, claim_waiting, run_workers, work
 from .report import STUDY_FILE, Report, build_report
 from .spec import ChildPlan, StudyPlan, StudySpec, list_studies, load_study, model_info_for, plan_study
 from .storage import DEFAULT_STORAGE, check_storage_url, open_storage, redact, sqlite_init_lock
@@ -350,11 +350,13 @@ def run_ablation_worker(name: str, *, seeds=None, steps=None, overrides=None, ur
 def run_ablation(name: str, *, seeds: int | None = None, steps: int | None = None,
                  overrides: Mapping[str, Any] | List[str] | None = None, uri: str | None = None,
                  out_dir=None, progress: bool = True, console=None, experiment: str = DEFAULT_EXPERIMENT,
-                 workers: Optional[int] = None, storage: Optional[str] = None) -> StudyResult:
+                 workers: Optional[int] = None, storage: Optional[str] = None,
+                 launcher: Optional[Launcher] = None) -> StudyResult:
     """Run, join or resume a study; see the module docstring. overrides: `--set` items ("k=v"
     strings or a {dotted key: value} dict) applied to every variant. out_dir: the study's folder
     (default runs/studies/<study>-<parent run id>/), one sub-folder per child. workers: processes on
-    this machine (default: one per core on CPU, one per GPU); storage: Optuna RDB URL."""
+    this machine (default: one per core on CPU, one per GPU; one job under Slurm); storage: Optuna
+    RDB URL; launcher: where the workers run (engine.Launcher; default local processes)."""
     import optuna
     from optuna.trial import TrialState
     from rich.console import Console
@@ -362,6 +364,8 @@ def run_ablation(name: str, *, seeds: int | None = None, steps: int | None = Non
     console = console or Console()
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
+    launcher = launcher or Launcher()
+    storage, uri = launcher.shared_stores(check_storage_url(storage), resolve_tracking_uri(uri))
     spec, plan, storage_url, uri = _prepare(name, seeds=seeds, steps=steps, overrides=overrides, uri=uri,
                                             storage=storage, probe=True)
     client = get_client(uri, probe=False)
@@ -377,7 +381,7 @@ def run_ablation(name: str, *, seeds: int | None = None, steps: int | None = Non
         requeued = 0 if created else _requeue_missing(study, plan)
     done_before = {_key(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
     todo = len(plan.children) - len(done_before)
-    n = min(default_workers() if workers is None else workers, max(1, todo))
+    n = min(launcher.default_workers() if workers is None else workers, max(1, todo))
     if created:
         console.print(f"Study [bold]{spec.name}[/]: {len(plan.children)} runs ({len(spec.variants)} variants x "
                       f"{plan.seeds} seed(s)) on {n} worker(s); parent run {parent_id}; Optuna study {study_name} "
@@ -390,16 +394,16 @@ def run_ablation(name: str, *, seeds: int | None = None, steps: int | None = Non
     start = time.time()
     client.update_run(parent_id, status=STATUS_RUNNING)
     kwargs = dict(name=name, seeds=seeds, steps=steps, overrides=plan.overrides, uri=uri, storage=storage_url,
-                  study_name=study_name, progress=progress and n == 1, experiment=experiment)
+                  study_name=study_name, progress=progress and n == 1 and not launcher.submits, experiment=experiment)
     try:
         if todo == 0:
             console.print(f"[dim]{spec.name}: every run has finished; rebuilding the report[/]")
-        elif n == 1:
+        elif n == 1 and not launcher.submits:
             from .engine import threads_per_worker
 
             run_ablation_worker(console=console, threads=threads_per_worker(1), **kwargs)
         else:
-            codes = run_workers("ablation", kwargs, n)
+            codes = run_workers("ablation", kwargs, n, launcher, console)
             if any(c in (130, 143) for c in codes):  # the workers were stopped by a signal
                 raise KeyboardInterrupt(f"a worker was stopped (exit codes {codes})")
     except BaseException as e:
@@ -451,7 +455,7 @@ def _finish(plan: StudyPlan, study, *, client, exp_id, parent_id, uri, root, cre
     report.log(parent)
     paths = report.write(root / "report")
     report.print(console)
-    console.print(f"Report: {paths['markdown']}, plot {paths['plot']}", highlight=False)
+    console.print(f"Report: {paths['markdown']}, plot {paths['plot']}, page {paths['html']}", highlight=False)
     console.print(browse_hint(parent_id, uri, report=True), highlight=False)
     missing = [o for o in outcomes if o.status != STATUS_FINISHED]
     client.set_terminated(parent_id, STATUS_FAILED if missing else STATUS_FINISHED)

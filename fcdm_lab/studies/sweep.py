@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from ..config import ExperimentConfig, check_name, load_experiment
 from ..errors import UserError, choices
-from .engine import PARENT_ATTR, URI_ATTR, check_parent_reachable, claim_waiting, run_workers, work
+from .engine import PARENT_ATTR, URI_ATTR, Launcher, check_parent_reachable, claim_waiting, run_workers, work
 from .storage import check_storage_url, open_storage, pasteable, redact, sqlite_init_lock
 from .spec import model_info_for, normalize_overrides
 # re-exported: sweep files and results keep their import path through this module
@@ -410,7 +410,7 @@ def run_sweep(name_or_path: str | Path, *, trials: Optional[int] = None, storage
               study_name: Optional[str] = None, uri: Optional[str] = None,
               overrides: Mapping[str, Any] | List[str] | None = None, out_dir: str | Path | None = None,
               progress: bool = True, threads: Optional[int] = None, console=None,
-              workers: int = 1) -> SweepResult:
+              workers: int = 1, launcher: Optional[Launcher] = None) -> SweepResult:
     """Run (or join, or resume) an Optuna sweep; see the module docstring.
 
     trials: the study's target number of trials (default: the file's); storage: an Optuna RDB URL
@@ -419,7 +419,8 @@ def run_sweep(name_or_path: str | Path, *, trials: Optional[int] = None, storage
     every trial; `train.steps` replaces the file's budget); out_dir: trial folders (default
     runs/<study>); threads: torch threads in this process (default train.threads); 1 when several
     workers share a machine; workers: processes on this machine running trials (engine.py; each
-    gets cores / workers threads unless train.threads is set).
+    gets cores / workers threads unless train.threads is set); launcher: where the workers run
+    (engine.Launcher: local processes by default, submitit-local or Slurm jobs).
     """
     import optuna
     import torch
@@ -428,7 +429,8 @@ def run_sweep(name_or_path: str | Path, *, trials: Optional[int] = None, storage
     from ..tracking import browse_hint, resolve_tracking_uri, tracked_run
 
     console = console or Console()
-    storage_url = check_storage_url(storage)
+    launcher = launcher or Launcher()
+    storage_url, uri = launcher.shared_stores(check_storage_url(storage), resolve_tracking_uri(uri))
     spec = load_sweep(name_or_path)
     check_name("study name", study_name or spec.name)  # it names the trials' folder: runs/<study>
     overrides = normalize_overrides(overrides)
@@ -485,10 +487,10 @@ def run_sweep(name_or_path: str | Path, *, trials: Optional[int] = None, storage
             if created:
                 parent.log_params(_parent_params(spec, overrides))
                 parent.log_text(Path(spec.path).read_text(), "sweep/sweep.toml")
-            if remaining and n == 1:
+            if remaining and n == 1 and not launcher.submits:
                 work(study, SweepJob(objective, budget=remaining), console=console)
             elif remaining:
-                run_workers("sweep", worker_kwargs, n)
+                run_workers("sweep", worker_kwargs, n, launcher, console)
             rows, best, title, outputs = _summarize(study, spec, parent, out_dir, study_name, uri)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: study {study_name!r} is saved in {storage_text}; run the same command "

@@ -1,0 +1,130 @@
+"""Study workers as submitit jobs: `--launcher submitit-local` runs a 2-variant ablation
+(tests/test_engine.py's study, TINY children) with two local submitit jobs (logs in the submitit
+folder, each job's result 0, every child once, the verdict table printed); a worker's UserError is
+one line in its job's stderr and exit 2; the Slurm job parameters handed to submitit; bad launcher
+input is one line, exit 2, nothing written."""
+import os
+import pickle
+
+import pytest
+from optuna.trial import TrialState
+from test_engine import the_study, write_study
+
+from fcdm_lab.cli import main
+from fcdm_lab.studies.engine import Launcher, run_workers
+
+
+def run(capsys, *args):
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """sbatch and srun on PATH (they only have to exist: nothing here submits)."""
+    bin_dir = tmp_path.parent / f"{tmp_path.name}-bin"
+    bin_dir.mkdir()
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).write_text("#!/bin/sh\necho 'not a cluster' >&2\nexit 1\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return bin_dir
+
+
+def test_submitit_local_runs_the_study_in_two_jobs(store, tmp_path, capsys):
+    code, out, err = run(capsys, "ablate", str(write_study(tmp_path)), "--seeds", "1", "--launcher", "submitit-local",
+                         "--workers", "2")
+    assert code == 0, out + err
+    # every child finished exactly once, nothing left queued or running
+    study = the_study()
+    assert sorted(_key(t) for t in study.get_trials(states=(TrialState.COMPLETE,))) == [("cca", 0), ("grn", 0)]
+    assert len(study.trials) == 2
+    (parent,) = store.search_runs(["1"], "tags.kind = 'ablation'")
+    runs = store.search_runs(["1"], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["variant"] for r in runs) == ["cca", "grn"]
+    assert {r.info.status for r in runs} == {parent.info.status} == {"FINISHED"}
+    # two submitit jobs ran, each logged into the study's submitit folder and returned 0
+    folder = tmp_path / "runs" / "submitit" / study.study_name
+    results = sorted(folder.glob("*_result.pkl"))
+    assert len(results) == 2, sorted(p.name for p in folder.iterdir())
+    for result in results:
+        job = result.name[: -len("_0_result.pkl")]
+        assert pickle.loads(result.read_bytes()) == ("success", 0)
+        assert (folder / f"{job}_0_log.out").is_file() and (folder / f"{job}_0_log.err").is_file()
+        assert f"worker job {job} ended (exit 0)" in out
+    assert "2 worker job(s) submitted to submitit-local" in out
+    assert os.getpid() not in {t.user_attrs["worker_pid"] for t in study.trials}  # trained in the jobs
+    # then the launcher reports the study as the local path does: the verdict table
+    assert "Study tiny2x2: tiny GRN vs CCA" in out and "verdict" in out and "Report:" in out
+
+
+def _key(trial):
+    return trial.user_attrs["variant"], trial.user_attrs["seed"]
+
+
+def test_worker_user_error_is_one_line_in_the_job_stderr(tmp_path):
+    launcher = Launcher.from_options("submitit-local", job_logs=tmp_path / "jobs")
+    codes = run_workers("ablation", {"name": "no-such-study", "study_name": "nothing"}, 1, launcher)
+    assert codes == [2]
+    (err,) = (tmp_path / "jobs").glob("*_0_log.err")
+    lines = [line for line in err.read_text().splitlines() if "no-such-study" in line]
+    assert len(lines) == 1 and lines[0].startswith("worker 0: ") and "Traceback" not in err.read_text()
+
+
+def test_slurm_job_parameters(fake_slurm, tmp_path):
+    launcher = Launcher.from_options("slurm", partition="gpu", gpus_per_worker=2, time_limit_min=90,
+                                     cpus_per_worker=8)
+    executor = launcher.executor(tmp_path / "jobs", workers=3, name="fcdm-study")
+    assert executor.cluster == "slurm"
+    params = executor.parameters
+    assert (params["partition"], params["gpus_per_node"], params["time"], params["cpus_per_task"]) == ("gpu", 2, 90, 8)
+    assert (params["nodes"], params["ntasks_per_node"], params["array_parallelism"]) == (1, 1, 3)
+    assert params["job_name"] == "fcdm-study"
+    # defaults: the cluster's partition, no GPU, one core (one torch thread)
+    bare = Launcher.from_options("slurm", time_limit_min=30).executor(tmp_path / "jobs", workers=1, name="x").parameters
+    assert "partition" not in bare and "gpus_per_node" not in bare and bare["cpus_per_task"] == 1
+    # submitit-local: no Slurm settings, and a timeout far beyond submitit's 2-minute local default
+    local = Launcher.from_options("submitit-local").executor(tmp_path / "jobs", workers=2, name="x")
+    assert local.cluster == "local" and local.parameters["timeout_min"] >= 24 * 60
+
+
+def test_submitit_local_makes_relative_stores_absolute(tmp_path):
+    storage, uri = Launcher.from_options("submitit-local").shared_stores("sqlite:///optuna.db", "sqlite:///m/mlflow.db")
+    assert storage == f"sqlite:///{tmp_path / 'optuna.db'}" and uri == f"sqlite:///{tmp_path / 'm' / 'mlflow.db'}"
+    assert Launcher().shared_stores("sqlite:///optuna.db", "sqlite:///mlflow.db") == ("sqlite:///optuna.db",
+                                                                                      "sqlite:///mlflow.db")
+
+
+@pytest.mark.parametrize("command", ["ablate", "sweep"])
+@pytest.mark.parametrize("args, message", [
+    (["--partition", "gpu"], "--partition is a Slurm job setting: it needs --launcher slurm"),
+    (["--launcher", "submitit-local", "--gpus-per-worker", "1"], "--gpus-per-worker is a Slurm job setting"),
+    (["--time-limit", "60"], "--time-limit is a Slurm job setting"),
+    (["--launcher", "kubernetes"], "unknown launcher 'kubernetes'; valid: processes, submitit-local, slurm"),
+    (["--launcher", "slurm", "--time-limit", "60"], "needs Slurm's sbatch and srun on PATH"),
+])
+def test_bad_launcher_options(capsys, tmp_path, monkeypatch, command, args, message):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    name = "grn-vs-cca" if command == "ablate" else "scaling-lc"
+    code, out, err = run(capsys, command, name, *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not out
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("command", ["ablate", "sweep"])
+@pytest.mark.parametrize("store_args, what", [
+    (["--storage", "sqlite:///optuna.db"], "--storage sqlite:///optuna.db"),
+    (["--tracking-uri", "sqlite:///mlflow.db"], "--tracking-uri sqlite:///mlflow.db"),
+])
+def test_slurm_needs_shared_stores(capsys, tmp_path, fake_slurm, command, store_args, what):
+    name = "grn-vs-cca" if command == "ablate" else "scaling-lc"
+    code, out, err = run(capsys, command, name, "--launcher", "slurm", "--time-limit", "60",
+                         "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", *store_args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert what in err and "absolute path on a shared filesystem" in err and "postgresql://" in err
+    assert not list(tmp_path.iterdir())  # nothing written
+    # the time limit is required on Slurm (submitit would ask for 5 minutes)
+    code, _, err = run(capsys, command, name, "--launcher", "slurm")
+    assert code == 2 and "--launcher slurm needs --time-limit MINUTES" in err
