@@ -6,7 +6,8 @@
 `fcdm-lab train` (`train_tracked`), a study child, `fcdm-lab rerun` and a sweep trial all call
 `run_pipeline`, so they log the same things: the resolved config (params + config.toml), tags
 (code, data, study/variant/seed), the trainer's step metrics and sample grids, model size and
-compute, the final EMA weights, and, when evaluating, the metrics of the *in-memory* EMA network
+compute, the datasets as MLflow inputs (the training set; the reference set when evaluating), the
+final EMA weights, and, when evaluating, the metrics of the *in-memory* EMA network
 (no reload from disk) on the device it trained on, with the evaluation noise seeded by the
 training seed (so variants trained with the same seed are paired in evaluation too).
 
@@ -80,6 +81,7 @@ def run_pipeline(tracker, cfg, out_dir, *, resume: Optional[str] = None, evaluat
     in-memory EMA model. eval_seed defaults to train.seed (paired evaluation noise); eval_metrics
     defaults to cfg.eval.metrics. Call `preflight` first: this function writes the run pointer."""
     from .eval.evaluate import evaluate_model
+    from .run_record import log_datasets
     from .tracking import RunPointer, _drop_none, log_run_config, model_params, run_environment, standard_tags
     from .train.trainer import train
 
@@ -92,6 +94,7 @@ def run_pipeline(tracker, cfg, out_dir, *, resume: Optional[str] = None, evaluat
     tracker.log_params({**model_params(result.model_info), **run_environment()})  # + world_size, device
     tracker.log_dict(_drop_none(dict(result.model_info)), "model_info.json")
     tracker.log_dict(_drop_none(dict(result.data_info)), "data_info.json")
+    log_datasets(tracker, cfg, result.data_info, evaluation=evaluate)
     summary = {"train.wall_time_s": result.wall_time_s, "train.images_per_s": result.images_per_s,
                "train.final_loss": result.final_loss}
     tracker.log_metrics({k: v for k, v in summary.items() if _finite(v)}, step=result.step)

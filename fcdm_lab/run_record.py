@@ -143,3 +143,109 @@ def log_run_config(tracker, cfg, model_info: Mapping[str, Any] | None = None) ->
     tracker.log_text(config_to_toml(cfg), "config.toml")
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Datasets (MLflow run inputs): what a run trained on and what it was evaluated against
+# ---------------------------------------------------------------------------------------------
+
+TRAINING, EVALUATION = "training", "evaluation"    # MLflow's dataset context tag (mlflow.data.context)
+
+
+def _image_dataset(name: str, digest: str, source, *, profile: Mapping[str, Any] | None = None,
+                   shape: tuple | None = None, dtype: str = "float32", tensor: str = "image"):
+    """An MLflow dataset that records metadata only (the data is never copied): MLflow's MetaDataset
+    plus a profile (image size, count, ...), which MetaDataset itself does not carry."""
+    import numpy as np
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import Schema, TensorSpec
+
+    class ImageDataset(MetaDataset):
+        @property
+        def profile(self):
+            return dict(profile) if profile else None
+
+        def to_dict(self):
+            out = super().to_dict()
+            if profile:
+                out["profile"] = json.dumps(dict(profile), sort_keys=True)
+            return out
+
+    schema = None
+    if shape is not None:
+        schema = Schema([TensorSpec(np.dtype(dtype), (-1, *shape), tensor), TensorSpec(np.dtype("int64"), (-1,), "label")])
+    return ImageDataset(source, name=name, digest=digest, schema=schema)
+
+
+def _local_source(path):
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    with warnings.catch_warnings():  # MLflow registers the local source twice and warns it picked one
+        warnings.simplefilter("ignore")
+        return resolve_dataset_source(str(Path(path).expanduser().resolve()))
+
+
+def _code_source(**tags):
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+
+    return CodeDatasetSource({k: str(v) for k, v in tags.items() if v is not None})
+
+
+def _info_dataset(name: str, info: Mapping[str, Any], source, split: str, dtype: str = "float32"):
+    profile = {k: info.get(k) for k in ("num_items", "image_size", "channels", "num_classes")}
+    profile["split"] = split
+    if info.get("vae"):
+        profile["vae"] = (info["vae"] or {}).get("id")
+    size, channels = info.get("image_size"), info.get("channels")
+    shape = (channels, size, size) if size and channels else None
+    return _image_dataset(name, str(info["fingerprint"]), source, profile=_drop_none(profile), shape=shape,
+                          dtype=dtype, tensor="latent" if info.get("vae") else "image")
+
+
+def training_dataset(cfg, data_info: Mapping[str, Any]):
+    """The training set as an MLflow dataset: name = data.name, digest = the data's content
+    fingerprint (data/build.py), source = data.path when given, else the loader that made it."""
+    path = getattr(cfg.data, "path", None)
+    source = _local_source(path) if path else _code_source(loader="fcdm_lab.data.build_dataset",
+                                                           dataset=data_info["name"], split="train")
+    return _info_dataset(data_info["name"], data_info, source, "train")
+
+
+def reference_dataset(reference):
+    """The evaluation reference set as an MLflow dataset: a named split ("digits-test", "fashion-test",
+    ...) with its content fingerprint, count and image size; a folder or .npz by its path, with a
+    digest of its files' names, sizes and modification times (not of the pixels: an ADM reference is
+    GBs, and the evaluation has already read it once)."""
+    import hashlib
+
+    from .eval.fidelity import DIGITS_REFERENCES, FASHION_REFERENCES
+
+    name = str(reference)
+    for data, named in (("digits", DIGITS_REFERENCES), ("fashion-mnist", FASHION_REFERENCES)):
+        if name in named:  # what eval/fidelity.py compares against: the split at its native size
+            from .data.build import build_dataset
+
+            _, info = build_dataset({"name": data}, named[name])
+            source = _code_source(loader="fcdm_lab.eval.fidelity.resolve_images", reference=name)
+            return _info_dataset(name, info, source, named[name], dtype="uint8")
+    path = Path(name).expanduser()
+    if not path.exists():
+        return None  # the evaluation itself says what is wrong with it
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return _image_dataset(path.name or name, h.hexdigest()[:16], _local_source(path), profile={"files": len(files)})
+
+
+def log_datasets(tracker, cfg, data_info: Mapping[str, Any], *, evaluation: bool = False) -> None:
+    """Record a run's datasets as MLflow inputs: the training set (context "training") and, when the
+    run evaluates, the reference set its samples are scored against (context "evaluation")."""
+    inputs = [(training_dataset(cfg, data_info), TRAINING)]
+    if evaluation:
+        from .eval.evaluate import reference_for
+
+        inputs.append((reference_dataset(reference_for(cfg)), EVALUATION))
+    tracker.log_inputs([(ds, context) for ds, context in inputs if ds is not None])

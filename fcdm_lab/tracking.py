@@ -254,6 +254,15 @@ class Tracker:
         images across runs with a step slider; plain artifact files cannot be compared)."""
         self.client.log_image(self.run_id, _to_image_array(image), key=key, step=int(step))
 
+    def log_inputs(self, datasets) -> None:
+        """Datasets as run inputs: (mlflow.data Dataset, context) pairs; MLflow keeps one input per
+        (name, digest), so logging again on resume adds nothing."""
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        self.client.log_inputs(self.run_id, [DatasetInput(ds._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, ctx)])
+                                             for ds, ctx in datasets])
+
     def log_artifact(self, local_path, artifact_path: str | None = None) -> None:
         path = Path(local_path)
         if path.is_dir():
@@ -307,7 +316,7 @@ class NullTracker:
     def _noop(self, *args, **kwargs) -> None:
         return None
 
-    log_params = log_metrics = log_image = log_artifact = log_dict = log_text = set_tags = _noop
+    log_params = log_metrics = log_image = log_inputs = log_artifact = log_dict = log_text = set_tags = _noop
 
 
 # Innermost open tracked run of this process (for nested=True).

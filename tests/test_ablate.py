@@ -94,19 +94,23 @@ def test_interrupted_study_resumes_and_report_rebuilds(store, tiny_study, monkey
         assert tags["eval.weights"] == "ema"
         assert {"fid_digits", "kid_digits", "class_acc_digits", "train.wall_time_s"} <= set(metrics)
         assert 0.0 <= metrics["class_acc_digits"] <= 1.0 and child.data.params["train.steps"] == "4"
+        inputs = {(i.dataset.name, i.tags[0].value) for i in child.inputs.dataset_inputs}
+        assert inputs == {("digits", "training"), (tags["eval.reference"], "evaluation")}  # what it was scored against
     cca = next(c for c in children if c.data.tags["variant"] == "cca")
     assert cca.data.params["model.match_knob"] == "ratio" and float(cca.data.params["model.match_value"]) < 3.0
 
     parent_files = {a.path for a in store.list_artifacts(parent.info.run_id)}
     assert {"study.json", "study", "report"} <= parent_files
     assert {a.path for a in store.list_artifacts(parent.info.run_id, "report")} == {
-        "report/report.md", "report/plot.png", "report/summary.json"}
+        "report/report.md", "report/plot.png", "report/summary.json", "report/report.html"}
 
     report = result.report
     rows = {r.variant: r for r in report.rows}
     assert rows["grn"].is_baseline and rows["cca"].matched and rows["cca"].knob == "ratio"
     assert rows["cca"].diff is not None and rows["cca"].diff.n == 1
     assert rows["cca"].verdicts["fid_digits"].verdict == "n=1: no error bar"
+    # report.html's data, from the children's MLflow runs: the loss history, the eval_samples grid at its step
+    assert all([s for s, _ in r.loss_history[0]] == [2, 4] and r.sample_grid.step == 4 for r in report.rows)
     assert "n=1: no error bar" in report.text() and "paper GFLOPs / FID / IS" in report.markdown()
     parent_run = store.get_run(parent.info.run_id)
     assert parent_run.data.tags["verdict.cca.fid_digits"] == "n=1: no error bar"
@@ -124,6 +128,7 @@ def test_interrupted_study_resumes_and_report_rebuilds(store, tiny_study, monkey
     out = Path("my-report")
     _, paths = write_report(result.parent_run_id, out_dir=out)
     assert paths["markdown"].read_text() == report.markdown() and paths["plot"].stat().st_size > 1000
+    assert paths["html"] == out / "report.html" and "Forest plot" in paths["html"].read_text()
 
 
 def test_train_evaluate_rerun(store):

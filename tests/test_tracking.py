@@ -1,5 +1,6 @@
 """MLflow tracking: run statuses (FINISHED / FAILED / KILLED on SIGINT), children from another
 process, what a run records, URI validation and the fast failure on an unreachable server."""
+import json
 import os
 import signal
 import socket
@@ -122,6 +123,34 @@ def test_config_tags_and_params(store):
     assert p["model.match_knob"] == "ratio" and p["model.match_value"] == "2.5"
     text = Path(store.download_artifacts(t.run_id, "config.toml", str(Path.cwd()))).read_text()
     assert config_from_toml(text) == cfg == config_from_toml(config_to_toml(cfg))
+
+
+def test_datasets_are_run_inputs(store):
+    """log_datasets (the pipeline calls it after training): the training set (context training) and,
+    when the run evaluates, its reference set (context evaluation), metadata only; the digest follows
+    the data (another resolution is other data), and logging again on resume adds nothing."""
+    from fcdm_lab.data.build import build_dataset
+    from fcdm_lab.run_record import log_datasets
+
+    cfg = load_experiment("tiny-digits", {"eval.reference": "digits-test"})
+    _, info = build_dataset({"name": "digits"}, "train")
+    _, info16 = build_dataset({"name": "digits", "image_size": 16}, "train")
+    with tracked_run("data") as t:
+        log_datasets(t, cfg, info, evaluation=True)
+        log_datasets(t, cfg, info, evaluation=True)  # a resumed run logs again
+    with tracked_run("data16") as t16:
+        log_datasets(t16, cfg, info16)
+    inputs = store.get_run(t.run_id).inputs.dataset_inputs
+    by_context = {i.tags[0].value: i.dataset for i in inputs}
+    assert len(inputs) == 2 and [i.tags[0].key for i in inputs] == ["mlflow.data.context"] * 2
+    train, ref = by_context["training"], by_context["evaluation"]
+    assert train.name == "digits" and train.digest == info["fingerprint"]
+    assert json.loads(train.profile) == {"num_items": 1500, "image_size": 8, "channels": 1, "num_classes": 10,
+                                         "split": "train"}
+    assert json.loads(train.schema)["mlflow_colspec"][0]["tensor-spec"]["shape"] == [-1, 1, 8, 8]
+    assert ref.name == "digits-test" and json.loads(ref.profile)["num_items"] == 297
+    (only,) = store.get_run(t16.run_id).inputs.dataset_inputs
+    assert only.dataset.name == "digits" and only.dataset.digest == info16["fingerprint"] != train.digest
 
 
 def test_tracking_uri_forms(monkeypatch, tmp_path):

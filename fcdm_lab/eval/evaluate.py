@@ -98,6 +98,11 @@ def default_reference(cfg) -> str:
                     f"of PNGs or an ADM .npz of real images; 'digits-train' and 'digits-test' serve digits data")
 
 
+def reference_for(cfg):
+    """The reference set an evaluation of `cfg` scores against: eval.reference, else the default."""
+    return cfg.eval.reference or default_reference(cfg)
+
+
 def compute_sample_metrics(images: torch.Tensor, labels: torch.Tensor | None, *, metrics: Iterable[str],
                            reference, data_name: str, inception_weights=None) -> Dict[str, float]:
     """Metrics of a uint8 sample set (N, C, H, W) by the names above; `labels` are the classes the
@@ -154,7 +159,7 @@ def evaluate_model(model: torch.nn.Module, cfg, *, num_samples: int | None = Non
     num = ev.num_samples if num_samples is None else num_samples
     if num < 1:
         raise UserError(f"num_samples must be >= 1, got {num}")
-    reference = reference or ev.reference or default_reference(cfg)
+    reference = reference or reference_for(cfg)
     inception_weights = inception_weights or ev.inception_weights
     if plan_metrics(metrics)["inception"] and inception_weights and not Path(inception_weights).expanduser().is_file():
         raise UserError(f"Inception weights file {str(inception_weights)!r} does not exist")  # before sampling
