@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 from test_engine import the_study, write_study
 
 from fcdm_lab.cli import main
+from fcdm_lab.errors import UserError
 from fcdm_lab.studies.engine import Launcher, run_workers
 
 
@@ -23,11 +24,11 @@ def run(capsys, *args):
 
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch):
-    """sbatch and srun on PATH (they only have to exist: nothing here submits)."""
+    """sbatch and srun on PATH that refuse every job, as sbatch does for an unknown partition."""
     bin_dir = tmp_path.parent / f"{tmp_path.name}-bin"
     bin_dir.mkdir()
     for tool in ("sbatch", "srun"):
-        (bin_dir / tool).write_text("#!/bin/sh\necho 'not a cluster' >&2\nexit 1\n")
+        (bin_dir / tool).write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: nope' >&2\nexit 1\n")
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return bin_dir
@@ -88,6 +89,14 @@ def test_slurm_job_parameters(fake_slurm, tmp_path):
     # submitit-local: no Slurm settings, and a timeout far beyond submitit's 2-minute local default
     local = Launcher.from_options("submitit-local").executor(tmp_path / "jobs", workers=2, name="x")
     assert local.cluster == "local" and local.parameters["timeout_min"] >= 24 * 60
+
+
+def test_refused_submission_is_one_line(fake_slurm, tmp_path, capfd):
+    launcher = Launcher.from_options("slurm", partition="nope", time_limit_min=10, job_logs=tmp_path / "jobs")
+    with pytest.raises(UserError, match=r"submitting 2 worker job\(s\) to Slurm \(partition nope.*failed: sbatch: "
+                                        r"error: invalid partition specified: nope$"):
+        run_workers("ablation", {"study_name": "x"}, 2, launcher)
+    assert capfd.readouterr() == ("", "")  # submitit's own print of sbatch's complaint is not shown
 
 
 def test_submitit_local_makes_relative_stores_absolute(tmp_path):

@@ -412,13 +412,13 @@ def _job_exit_code(job) -> int:
 
 
 @contextlib.contextmanager
-def _quiet_children(quiet: bool):
-    """Processes started inside write to /dev/null instead of this terminal. submitit-local's job
-    controllers inherit our stdout/stderr and print a KeyboardInterrupt traceback when a job is
-    cancelled (Ctrl-C); the jobs themselves log to their files in the submitit folder."""
-    if not quiet:
-        yield
-        return
+def _quiet_submission():
+    """Nothing started or printed inside reaches this terminal: submitit-local's job controllers
+    inherit our stdout/stderr and print a KeyboardInterrupt traceback when a job is cancelled (the
+    jobs log to their own files), and submitit prints sbatch's complaint before raising it (the
+    caller turns that into one line)."""
+    import io
+
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
@@ -426,7 +426,8 @@ def _quiet_children(quiet: bool):
     try:
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
-        yield
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
@@ -442,9 +443,15 @@ def _submit_workers(launcher: Launcher, kind: str, kwargs: Dict[str, Any], worke
     folder = (launcher.job_logs or Path("runs") / "submitit" / name).resolve()
     threads = launcher.threads(workers)
     executor = launcher.executor(folder, workers=workers, name=f"fcdm-{name}")
-    with _quiet_children(launcher.kind == "submitit-local"):
-        jobs = executor.map_array(_run_worker, [WorkerArgs(kind, kwargs, i, threads, submitted=True)
-                                                for i in range(workers)])
+    try:
+        with _quiet_submission():
+            jobs = executor.map_array(_run_worker, [WorkerArgs(kind, kwargs, i, threads, submitted=True)
+                                                    for i in range(workers)])
+    except Exception as e:  # sbatch refused the jobs (a partition, limit or account): its last line
+        from ..errors import UserError
+
+        reason = next((line.strip() for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
+        raise UserError(f"submitting {workers} worker job(s) to {launcher.describe()} failed: {reason}") from None
     console.print(f"{len(jobs)} worker job(s) submitted to {launcher.describe()}: {' '.join(j.job_id for j in jobs)}; "
                   f"logs in {folder}", highlight=False, soft_wrap=True)
     codes: Dict[str, int] = {}
