@@ -109,6 +109,7 @@ def test_interrupted_study_resumes_and_report_rebuilds(store, tiny_study, monkey
     assert rows["grn"].is_baseline and rows["cca"].matched and rows["cca"].knob == "ratio"
     assert rows["cca"].diff is not None and rows["cca"].diff.n == 1
     assert rows["cca"].verdicts["fid_digits"].verdict == "n=1: no error bar"
+    assert '<span class="status FINISHED">' in result.report_paths["html"].read_text()  # what the parent ended as
     # report.html's data, from the children's MLflow runs: the loss history, the eval_samples grid at its step
     assert all([s for s, _ in r.loss_history[0]] == [2, 4] and r.sample_grid.step == 4 for r in report.rows)
     assert "n=1: no error bar" in report.text() and "paper GFLOPs / FID / IS" in report.markdown()

@@ -451,14 +451,15 @@ def _finish(plan: StudyPlan, study, *, client, exp_id, parent_id, uri, root, cre
     parent = Tracker(client, parent_id, resumed=True)
     trained = sum(o.status == STATUS_FINISHED and not o.skipped for o in outcomes)
     parent.log_metrics({"study.wall_time_s": time.time() - start, "study.children_trained": trained})
+    missing = [o for o in outcomes if o.status != STATUS_FINISHED]
     report = build_report(parent_id, uri)
+    report.status = STATUS_FAILED if missing else STATUS_FINISHED  # what the parent ends as, just below
     report.log(parent)
     paths = report.write(root / "report")
     report.print(console)
     console.print(f"Report: {paths['markdown']}, plot {paths['plot']}, page {paths['html']}", highlight=False)
     console.print(browse_hint(parent_id, uri, report=True), highlight=False)
-    missing = [o for o in outcomes if o.status != STATUS_FINISHED]
-    client.set_terminated(parent_id, STATUS_FAILED if missing else STATUS_FINISHED)
+    client.set_terminated(parent_id, report.status)
     if missing:  # the parent ends FAILED, so the same command resumes it and retries these
         errors = {_key(t): t.user_attrs.get("error", "failed") for t in failed}
         first = missing[0]

@@ -32,7 +32,7 @@ VARIANT_COLORS = ("#0969da", "#cf222e", "#1a7f37", "#8250df", "#bc4c00", "#1b7c8
 _CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2328; margin: 0;
        background: #f6f8fa; }
-main { max-width: 1180px; margin: 0 auto; padding: 24px 28px 48px; background: #fff; }
+main { max-width: 1400px; margin: 0 auto; padding: 24px 28px 48px; background: #fff; }
 h1 { font-size: 26px; margin: 0 0 4px; } h2 { font-size: 19px; margin: 32px 0 8px; border-bottom: 1px solid #d0d7de;
      padding-bottom: 4px; }
 .description { font-size: 17px; margin: 4px 0 10px; }
@@ -43,9 +43,9 @@ h1 { font-size: 26px; margin: 0 0 4px; } h2 { font-size: 19px; margin: 32px 0 8p
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; font-size: 13.5px; font-variant-numeric: tabular-nums; }
 th, td { padding: 5px 9px; border-bottom: 1px solid #d8dee4; text-align: right; white-space: nowrap; }
-th { background: #f6f8fa; font-weight: 600; } td:first-child, th:first-child { text-align: left; }
+th { background: #f6f8fa; font-weight: 600; white-space: normal; vertical-align: bottom; } td:first-child, th:first-child { text-align: left; }
 tr.baseline td { background: #f6f8fa; }
-td.verdict { text-align: left; font-weight: 600; }
+td.verdict { text-align: left; font-weight: 600; white-space: normal; min-width: 10em; }
 .caption, .note { color: #57606a; font-size: 13px; max-width: 1100px; }
 figure { margin: 8px 0; } figure.plot img { max-width: 100%; height: auto; }
 .grids { display: flex; flex-wrap: wrap; gap: 18px; }
