@@ -5,6 +5,10 @@ one line in its job's stderr and exit 2; the Slurm job parameters handed to subm
 input is one line, exit 2, nothing written."""
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from optuna.trial import TrialState
@@ -59,6 +63,33 @@ def test_submitit_local_runs_the_study_in_two_jobs(store, tmp_path, capsys):
     assert os.getpid() not in {t.user_attrs["worker_pid"] for t in study.trials}  # trained in the jobs
     # then the launcher reports the study as the local path does: the verdict table
     assert "Study tiny2x2: tiny GRN vs CCA" in out and "verdict" in out and "Report:" in out
+
+
+def test_stopping_the_launcher_cancels_its_jobs(store, tmp_path):
+    """SIGTERM to the launcher alone (kill PID; Ctrl-C in a terminal also reaches the jobs): it
+    cancels its jobs, which checkpoint and fail their trials; exit 143 and the resume line."""
+    path = write_study(tmp_path, steps=5000, **{"train.ckpt_every": 10})
+    proc = subprocess.Popen([sys.executable, "-m", "fcdm_lab", "ablate", str(path), "--seeds", "1", "--launcher",
+                             "submitit-local", "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    running, deadline = [], time.time() + 180
+    while len(running) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            running = [t for t in the_study().get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
+        except Exception:  # the study is not created yet
+            continue
+    assert len(running) == 2, proc.communicate()[0]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    assert "resume with the same command" in out and "Traceback" not in out
+    study = the_study()
+    assert {(t.state, t.user_attrs.get("error")) for t in study.trials} == {(TrialState.FAIL, "interrupted")}, out
+    assert {r.info.status for r in store.search_runs(["1"], "")} == {"KILLED"}, out  # parent and both children
+    logs = sorted((tmp_path / "runs" / "submitit" / study.study_name).glob("*_0_log.err"))
+    # each job's log: the worker's one stop line (with the checkpoint when it was past setup)
+    assert len(logs) == 2 and all(f.read_text().count("interrupted: stopped by SIGTERM") == 1 for f in logs), out
 
 
 def _key(trial):

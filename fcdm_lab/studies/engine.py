@@ -435,6 +435,18 @@ def _quiet_submission():
             os.close(fd)
 
 
+def _cancel(job, launcher: Launcher) -> None:
+    """Stop a job as `scancel` does: SIGTERM, which the worker turns into a clean stop (checkpoint,
+    trial FAIL, run KILLED). A submitit-local job is its controller process (the job id is its pid),
+    which passes SIGTERM on to its task and waits for it; submitit's LocalJob.cancel sends SIGINT
+    instead, on which the controller kills the task 1 s later, often before it has saved anything."""
+    if launcher.kind == "submitit-local":
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(job.job_id), signal.SIGTERM)
+    else:
+        job.cancel(check=False)
+
+
 def _submit_workers(launcher: Launcher, kind: str, kwargs: Dict[str, Any], workers: int, console) -> List[int]:
     """The workers as submitit jobs (one Slurm job array, or local jobs); wait for them and return
     their exit codes. Ctrl+C (or SIGTERM) here cancels the jobs, gives them CANCEL_WAIT_S to fail
@@ -468,7 +480,7 @@ def _submit_workers(launcher: Launcher, kind: str, kwargs: Dict[str, Any], worke
     except BaseException:
         running = [j for j in jobs if j.job_id not in codes]
         for job in running:
-            job.cancel(check=False)
+            _cancel(job, launcher)
         deadline = time.time() + CANCEL_WAIT_S
         while time.time() < deadline and not all(j.done() for j in running):
             time.sleep(1)
