@@ -14,6 +14,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from mlflow.entities import Metric
 from PIL import Image
 
 from fcdm_lab.studies.report import EVAL_IMAGES, LOSS_METRIC, build_report
@@ -31,7 +32,7 @@ VALUES = {"default": BASE, "k5": [b - 2.0 + d for b, d in zip(BASE, (0.1, -0.1, 
 NO_GRID = "cca"          # a variant whose children logged no evaluation grid
 
 
-def fake_study(uri: str, values=VALUES, *, no_grid=NO_GRID) -> str:
+def fake_study(uri: str | None, values=VALUES, *, no_grid=NO_GRID) -> str:
     """A finished paper-ablation-fashion parent run with one finished child per (variant, seed)."""
     from fcdm_lab.studies.spec import load_study
 
@@ -46,9 +47,8 @@ def fake_study(uri: str, values=VALUES, *, no_grid=NO_GRID) -> str:
             child = client.create_run(exp.experiment_id, tags={"mlflow.parentRunId": parent.info.run_id,
                                                                "variant": variant, "seed": str(seed)})
             tracker = Tracker(client, child.info.run_id)
-            tracker.log_metrics({"fid_fashion": float(v)}, step=30)
-            for step in (10, 20, 30):
-                tracker.log_metrics({LOSS_METRIC: 1.0 / step + 0.01 * k + 0.001 * seed}, step=step)
+            client.log_batch(child.info.run_id, metrics=[Metric("fid_fashion", float(v), 0, 30)] + [
+                Metric(LOSS_METRIC, 1.0 / step + 0.01 * k + 0.001 * seed, 0, step) for step in (10, 20, 30)])
             if variant != no_grid:  # a 2x4 grid of 8x8 tiles, a grey level per variant
                 tracker.log_image(np.full((16, 32, 3), 20 * k + seed, np.uint8), EVAL_IMAGES, step=30)
             client.set_terminated(child.info.run_id, "FINISHED")
@@ -57,9 +57,10 @@ def fake_study(uri: str, values=VALUES, *, no_grid=NO_GRID) -> str:
 
 
 @pytest.fixture(scope="module")
-def study_report(tmp_path_factory):
+def study_report(tmp_path_factory, _template_db):
     """(report, report.html path): the fabricated study's report, built and written once."""
     folder = tmp_path_factory.mktemp("report-html")
+    shutil.copy(_template_db, folder / "mlflow.db")  # an empty store without the migrations' ~6 s
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     run_id = fake_study(uri)
     report = build_report(run_id, uri)
@@ -111,11 +112,10 @@ def test_report_html_has_verdicts_forest_plot_grids_and_losses(study_report):
     assert "loss_history" not in summary["rows"][0] and "sample_grid" not in summary["rows"][0]
 
 
-def test_one_seed_study_shows_points_without_bars(tmp_path):
+def test_one_seed_study_shows_points_without_bars(store):
     """n=1: the forest plot still shows each difference, as a point, and the page says so."""
-    uri = f"sqlite:///{tmp_path / 'one.db'}"
-    run_id = fake_study(uri, {v: vals[:1] for v, vals in VALUES.items()})
-    page = render_html(build_report(run_id, uri, against_paper=False))
+    run_id = fake_study(None, {v: vals[:1] for v, vals in VALUES.items()})
+    page = render_html(build_report(run_id, against_paper=False))
     assert "forest plot of the paired differences" in page
     assert "one paired seed, so no error bar and no verdict" in page and "n=1: no error bar" in page
     assert "No noise floor" in page
