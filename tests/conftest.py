@@ -1,7 +1,8 @@
 """Test settings.
 
 Threads: one torch thread per process by default (two busy processes with 2 threads each run
-~100x slower on a 2-core machine); `.ci/run` sets FCDM_TEST_THREADS=2 for the single pytest process.
+~100x slower on a 2-core machine); pytest-xdist runs one such process per core (pyproject's addopts;
+`-n 0` for one process, then FCDM_TEST_THREADS=2 uses both cores).
 Subprocesses started by tests get OMP_NUM_THREADS=1. MLflow stores and fcdm-lab's caches live in
 temporary folders, so tests never touch the user's stores.
 """
