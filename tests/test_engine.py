@@ -104,7 +104,11 @@ def test_sigkilled_worker_is_retried_and_nothing_stays_running(store, tmp_path):
             continue
         victim = next((t for t in running if "worker_pid" in t.user_attrs and "mlflow_run_id" in t.user_attrs), None)
     assert victim is not None, proc.communicate()[0]
-    time.sleep(2)  # mid-child
+    # mid-child, after its first checkpoint (a fixed sleep raced the checkpoint on a loaded machine)
+    ckpts = f"**/{victim.params['variant']}-seed{victim.params['seed']}/checkpoints/step_*.pt"
+    while not list(tmp_path.glob(ckpts)) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert list(tmp_path.glob(ckpts)), (ckpts, proc.communicate()[0])
     os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out

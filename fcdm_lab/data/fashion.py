@@ -94,7 +94,7 @@ def find_files(folder: str | None, split: str) -> tuple[Path, Path]:
 
 
 @functools.lru_cache(maxsize=4)
-def _raw_arrays(folder: str | None, split: str) -> tuple[np.ndarray, np.ndarray]:
+def _raw_arrays(folder: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (N, 28, 28) and int64 labels (N,) of a split; cached, read-only."""
     images_path, labels_path = find_files(folder, split)
     x, y = read_idx(images_path), read_idx(labels_path).astype(np.int64)
@@ -112,7 +112,9 @@ def fashion_arrays(split: str, image_size: int | None = None, folder: str | None
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Images float32 (N, 1, S, S) in [-1, 1] and labels int64 (N,); S = 28 unless `image_size` is
     given (bilinear resize, antialiased when shrinking, as the digits). Fresh, writable arrays."""
-    x, y = _raw_arrays(folder or None, split)
+    # cache by the folder actually read: `None` would keep serving the default folder's arrays after
+    # $FCDM_LAB_FASHION_MNIST (or the default) changed within the process
+    x, y = _raw_arrays(os.path.expanduser(os.fspath(folder)) if folder else default_dir(), split)
     x = torch.from_numpy(x.astype(np.float32) / 127.5 - 1.0)[:, None]
     size = x.shape[-1] if image_size is None else image_size
     if size != x.shape[-1]:
