@@ -149,3 +149,19 @@ def test_report_html_renders_in_chromium(study_report, tmp_path):
     rows = re.findall(r"<tr(?: class=\"baseline\")?><td>([^<]+)</td>", dom)
     assert rows[:len(report.rows)] == [c[0] for c in report.cells()]
     assert "Forest plot: Δ fid_fashion against the baseline" in dom and "no samples" in dom
+
+
+def test_grids_of_runs_logged_before_stepped_images_are_found(store):
+    """Studies run before the grids became stepped images logged them as plain artifacts
+    (samples/eval_<weights>_step<N>.png): the report still shows them, the EMA grid of the last step."""
+    from PIL import Image
+
+    from fcdm_lab.studies.report import sample_grid
+
+    exp = store.create_experiment("legacy")
+    run = store.create_run(exp)
+    for name, value in (("eval_ema_step10.png", 10), ("eval_raw_step20.png", 30), ("eval_ema_step20.png", 200)):
+        store.log_image(run.info.run_id, np.full((8, 8, 3), value, np.uint8), artifact_file=f"samples/{name}")
+    grid = sample_grid(store, [(0, store.get_run(run.info.run_id))])
+    assert grid is not None and grid.step == 20
+    assert np.asarray(Image.open(io.BytesIO(grid.png)))[0, 0, 0] == 200

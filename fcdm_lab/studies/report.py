@@ -336,6 +336,22 @@ def loss_history(client, run_id: str, key: str = LOSS_METRIC) -> List[Tuple[int,
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+def _legacy_eval_grids(client, run_id: str) -> Dict[int, str]:
+    """{step: path} of the evaluation grids runs logged before the stepped images existed (fcdm-lab
+    <= the 2026-11-27 morning): plain artifacts `samples/eval_<weights>_step<N>.png`; EMA preferred."""
+    import re
+
+    found: Dict[int, tuple] = {}
+    for item in client.list_artifacts(run_id, "samples"):
+        m = re.fullmatch(r"samples/eval_(\w+?)_step(\d+)\.png", item.path)
+        if m and not item.is_dir:
+            rank = (int(m.group(2)), m.group(1) == "ema")
+            step = int(m.group(2))
+            if step not in found or rank > found[step][0]:
+                found[step] = (rank, item.path)
+    return {step: path for step, (_, path) in found.items()}
+
+
 def sample_grid(client, runs) -> Optional[SampleGrid]:
     """The evaluation grid (EVAL_IMAGES, its latest step) of the first (seed, run) that logged one."""
     from PIL import Image
@@ -343,7 +359,7 @@ def sample_grid(client, runs) -> Optional[SampleGrid]:
     from ..tracking import logged_images
 
     for seed, run in runs:
-        images = logged_images(client, run.info.run_id, EVAL_IMAGES)
+        images = logged_images(client, run.info.run_id, EVAL_IMAGES) or _legacy_eval_grids(client, run.info.run_id)
         if not images:
             continue
         step, path = max(images.items())
