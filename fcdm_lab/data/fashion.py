@@ -127,7 +127,8 @@ class FashionMNIST(Dataset):
     """One split in memory: uint8 at the native size (converted per item), float32 when resized."""
 
     def __init__(self, split: str = "train", image_size: int | None = None, folder: str | None = None):
-        self.split, self.folder = split, folder or None
+        # the folder actually read (see fashion_arrays: the cache is keyed by it)
+        self.split, self.folder = split, os.path.expanduser(os.fspath(folder)) if folder else default_dir()
         raw_x, raw_y = _raw_arrays(self.folder, split)
         self.image_size = raw_x.shape[-1] if image_size is None else image_size
         if self.image_size == raw_x.shape[-1]:
