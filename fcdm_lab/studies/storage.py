@@ -102,6 +102,9 @@ def open_storage(url: str | None):
                 Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise UserError(f"storage {url!r}: cannot create the folder of the database file ({e})") from None
+        # Workers on one machine write to one file: wait up to a minute for another's write lock
+        # (SQLite's default, 5 s, fails with "database is locked" on a loaded machine; MLflow waits 20 s).
+        engine_kwargs["connect_args"] = {"timeout": 60}
     elif scheme.split("+")[0] in ("postgresql", "mysql"):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable server fails in seconds
     try:
@@ -110,7 +113,8 @@ def open_storage(url: str | None):
             beat = heartbeat_s()
             return optuna.storages.RDBStorage(
                 url, engine_kwargs=engine_kwargs or None, heartbeat_interval=beat, grace_period=3 * beat,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=MAX_RETRY, inherit_intermediate_values=True))  # a resumed sweep trial keeps its reports
     except ImportError as e:
         raise UserError(f"storage {redact(url)!r} needs a database driver that is not installed ({e}); "
                         f"install it (e.g. psycopg2-binary, pymysql) or use {DEFAULT_STORAGE}") from None
