@@ -161,6 +161,48 @@ def test_failing_trial_is_fail_and_the_study_goes_on(tmp_path, monkeypatch):
     assert sorted(m.step for m in history) == [2, 4]
 
 
+def test_sigkilled_trial_is_retried_from_its_checkpoint(tmp_path):
+    """A worker SIGKILLed mid-trial: the other worker fails the stale trial and its retry copy
+    continues the dead trial's folder and MLflow run from the last checkpoint (nothing retrained)."""
+    import signal
+
+    from optuna.trial import TrialState
+
+    path = write_sweep(tmp_path, objectives='[ { metric = "final_loss" } ]', budget="{ steps = 400 }")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    env = {**os.environ, "FCDM_HEARTBEAT_S": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fcdm_lab", "sweep", str(path), "--storage", storage, "--out",
+                             str(tmp_path / "runs"), "--workers", "2", "--set", "train.ckpt_every=10"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim, deadline = None, time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # a running trial past its first checkpoint
+        time.sleep(0.3)
+        try:
+            running = optuna.load_study(study_name="sw", storage=storage).get_trials(states=(TrialState.RUNNING,))
+        except Exception:
+            continue
+        victim = next((t for t in running if {"worker_pid", "trial_dir", "mlflow_run_id"} <= set(t.user_attrs)
+                       and list(Path(t.user_attrs["trial_dir"]).glob("checkpoints/step_*.pt"))), None)
+        if victim is not None:
+            break
+    assert victim is not None, proc.communicate()[0]
+    os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+
+    study = optuna.load_study(study_name="sw", storage=storage)
+    assert [t.number for t in study.get_trials(states=(TrialState.FAIL,))] == [victim.number]
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    (done,) = [t for t in complete if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(complete) == 2
+    assert done.user_attrs["trial_dir"] == victim.user_attrs["trial_dir"]  # the same folder ...
+    assert done.user_attrs["mlflow_run_id"] == victim.user_attrs["mlflow_run_id"]  # ... and MLflow run
+    assert f"resuming trial {victim.number} at step" in " ".join(out.split()), out  # (rich wraps lines)
+    run = mlflow_client().get_run(done.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["optuna.retry_of"] == str(victim.number)
+    assert run.data.metrics["sweep.final_loss"] == pytest.approx(done.values[0])
+
+
 def test_pruned_trial(tmp_path, monkeypatch):
     # A pruner that prunes every reported value makes the outcome independent of training noise.
     monkeypatch.setattr(sw, "make_pruner", lambda spec, steps: optuna.pruners.ThresholdPruner(upper=-1.0))

@@ -22,7 +22,9 @@ Optuna's deprecated MLflowCallback) to that one parent. Several workers on one m
 use one torch thread each (`--set train.threads=1`).
 
 Training is deterministic given `train.seed`, so a point proposed a second time (samplers do that
-in small discrete spaces) reuses the finished trial's values instead of training again.
+in small discrete spaces) reuses the finished trial's values instead of training again. A trial
+whose worker died (SIGKILL, a lost node) is failed by the next worker's heartbeat check and retried
+as a copy that resumes the dead trial's folder and MLflow run from its last checkpoint.
 
 Split by job: sweep_file.py (reading sweep files), storage.py (Optuna storages), engine.py (the
 worker processes and their loop, shared with ablations), sweep_results.py (tables and the Pareto
@@ -160,9 +162,16 @@ class SweepObjective:
                 "variant": f"trial-{n:04d}"}
         short = {p.name: params[p.name] for p in self.spec.space if p.name != p.key}  # "L", "C"
         pruned_at = None
+        # A retry of a trial whose worker died (the copy Optuna's heartbeat callback queued, with the
+        # dead trial's user attrs) continues in the dead trial's folder and MLflow run, from its last
+        # checkpoint: no progress is lost, as for the children of an ablation.
+        retried = _retried_from(trial, self.uri)
+        if retried is not None:
+            tags["optuna.retry_of"] = retried.number
         # The child run opens first, so that a trial whose config is invalid is in MLflow too (FAILED).
         with tracked_run(f"{self.study_name}/trial-{n:04d}", uri=self.uri, tags=tags, params=short,
-                         parent_run_id=self.parent_run_id) as tracker:
+                         parent_run_id=self.parent_run_id,
+                         run_id=retried.run_id if retried is not None else None) as tracker:
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
             try:
                 cfg, info, steps = self.config(params)
@@ -171,7 +180,8 @@ class SweepObjective:
                 tracker.set_tags(standard_tags(cfg, info, study=self.study_name, variant=f"trial-{n:04d}",
                                                seed=cfg.train.seed))
                 log_run_config(tracker, cfg, info)
-                trial_dir = _trial_dir(self.out_dir, n)
+                trial_dir = retried.folder if retried is not None else _trial_dir(self.out_dir, n)
+                trial.set_user_attr("trial_dir", str(trial_dir))
                 twin = _finished_twin(trial, params, steps)
                 if twin is not None:  # training is deterministic given train.seed: the result is known
                     values = list(twin.values)
@@ -183,15 +193,18 @@ class SweepObjective:
                     self.console.print(f"trial {n}: {_params_text(params)} = trial {twin.number} (same config and "
                                        f"seed): its values are reused, nothing trained", highlight=False)
                     return values[0] if single else tuple(values)
+                done = retried.step if retried is not None else 0
+                again = f", resuming trial {retried.number} at step {done}" if retried is not None and done else ""
                 self.console.print(f"[bold]trial {n}[/]: {_params_text(params)} ({info['params']:,} params, "
-                                   f"{info['gmacs']:.4g} GMACs, {steps} steps) -> {trial_dir}", highlight=False)
+                                   f"{info['gmacs']:.4g} GMACs, {steps} steps{again}) -> {trial_dir}", highlight=False)
 
                 # Train in chunks that end at each intermediate evaluation (resume="latest" continues
-                # exactly where the previous chunk stopped), then at the budget.
+                # exactly where the previous chunk stopped), then at the budget. A resumed retry skips
+                # the evaluations its checkpoint is past (the dead trial reported them already).
                 points = list(range(self.spec.eval_every, steps, self.spec.eval_every)) if self.spec.eval_every else []
-                points.append(steps)
+                points = [k for k in points if k > done] + [steps]
                 base = {"gmacs": float(info["gmacs"]), "params": float(info["params"])}
-                resume, measured = None, {}
+                resume, measured = ("latest" if done else None), {}
                 wanted = list(dict.fromkeys([*cfg.eval.metrics, *self.eval_metrics]))
                 for k in points:  # the one run pipeline; evaluation of the in-memory EMA model
                     out = run_pipeline(tracker, cfg, trial_dir, resume=resume, progress=self.progress, max_steps=k,
@@ -241,6 +254,36 @@ def counted_trials(study) -> list:
 
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     return [t for t in study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get("surplus")]
+
+
+@dataclasses.dataclass
+class _Retried:
+    """The dead trial a retry continues: its number, MLflow run (None if gone), folder, checkpoint step."""
+
+    number: int
+    run_id: Optional[str]
+    folder: Path
+    step: int
+
+
+def _retried_from(trial, uri: str) -> Optional[_Retried]:
+    """What a retry copy of a dead worker's trial continues (None for a trial that is no retry, or
+    whose folder was never chosen: then it starts afresh)."""
+    from ..tracking import get_client
+    from ..train.checkpoint import find_latest_checkpoint
+
+    frozen = trial.study._storage.get_trial(trial._trial_id)  # optuna.Trial does not expose system attrs
+    number, folder = frozen.system_attrs.get("failed_trial"), frozen.user_attrs.get("trial_dir")
+    if number is None or not folder:
+        return None
+    run_id = frozen.user_attrs.get("mlflow_run_id")
+    if run_id:
+        try:
+            get_client(uri).get_run(run_id)
+        except Exception:  # deleted since: the retry logs into a new run
+            run_id = None
+    found = find_latest_checkpoint(folder) if Path(folder).is_dir() else None
+    return _Retried(int(number), run_id, Path(folder), int(found[1]["step"]) if found else 0)
 
 
 def _finished_twin(trial, params: Mapping[str, Any], steps: int):
