@@ -40,7 +40,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"                    # digits | imagefolder | mnist | fashionmnist | cifar10 | latents
+    name: str = "digits"                    # digits | fashion-mnist | imagefolder | mnist | cifar10 | latents
     path: Optional[str] = None
     test_path: Optional[str] = None
     image_size: Optional[int] = None        # None = the dataset's native size

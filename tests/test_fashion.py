@@ -84,11 +84,53 @@ def test_dataset_from_a_folder_in_torchvision_layout(tmp_path):
 
 def test_missing_data_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.delenv(fashion.PATH_ENV, raising=False)
+    monkeypatch.setenv("FCDM_LAB_DATA", str(tmp_path / "downloads"))
     monkeypatch.setattr(fashion, "DEBIAN_DIR", str(tmp_path / "not-installed"))
     with pytest.raises(UserError, match="not installed: install it with `apt-get install dataset-fashion-mnist`"):
         build_dataset({"name": "fashion-mnist"}, "train")
-    with pytest.raises(UserError, match=r"not found in .*apt-get install dataset-fashion-mnist"):
+    with pytest.raises(UserError, match=r"not found in .*apt-get install dataset-fashion-mnist.*data.download"):
         build_dataset({"name": "fashion-mnist", "path": str(tmp_path)}, "test")
+    with pytest.raises(UserError, match="'fashionmnist' is now called 'fashion-mnist'"):  # the old torchvision name
+        build_dataset({"name": "fashionmnist"}, "train")
+
+
+def test_download_fetches_the_files_once_into_the_data_folder(tmp_path, monkeypatch):
+    """data.download = true: torchvision's FashionMNIST (a stand-in that writes the IDX files where
+    torchvision does, ROOT/FashionMNIST/raw) fetches them; later runs find them without downloading."""
+    from fcdm_lab.data import images
+
+    calls = []
+
+    class FakeTorchvisionFashion:
+        def __init__(self, root, train, transform=None, download=False):
+            calls.append((root, train, download))
+            _write_split(Path(root) / "FashionMNIST" / "raw", "train" if train else "t10k", 12, seed=5, gz=False)
+
+    monkeypatch.delenv(fashion.PATH_ENV, raising=False)
+    monkeypatch.setattr(fashion, "DEBIAN_DIR", str(tmp_path / "not-installed"))
+    monkeypatch.setenv("FCDM_LAB_DATA", str(tmp_path / "downloads"))
+    monkeypatch.setitem(images._DOWNLOADS, "fashion-mnist", FakeTorchvisionFashion)
+    ds, info = build_dataset({"name": "fashion-mnist", "download": True}, "train")
+    assert info["num_items"] == 12 and calls == [(str(tmp_path / "downloads"), True, True)]
+    again, _ = build_dataset({"name": "fashion-mnist"}, "train")  # found in the download folder
+    assert len(again) == 12 and len(calls) == 1
+    mine = tmp_path / "mine"
+    build_dataset({"name": "fashion-mnist", "path": str(mine), "download": True}, "test")
+    assert calls[-1] == (str(mine), False, True) and (mine / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file()
+
+
+def test_download_failure_offline_is_a_fast_user_error(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"could not download dataset 'fashion-mnist' .*put the .gz files in"):
+        build_dataset({"name": "fashion-mnist", "path": str(tmp_path / "tv"), "download": True}, "train")
+    assert time.perf_counter() - start < 10
 
 
 # ---- the classifier judge -----------------------------------------------------------------------

@@ -17,7 +17,7 @@ from fcdm_lab.studies.spec import (STUDIES_DIR, flatten_overrides, load_study, m
                                    study_kind)
 
 # Shapes of datasets that are not on this machine: (input side, channels, classes).
-KNOWN_SHAPES = {"mnist": (28, 1, 10), "fashionmnist": (28, 1, 10), "cifar10": (32, 3, 10)}
+KNOWN_SHAPES = {"mnist": (28, 1, 10), "fashion-mnist": (28, 1, 10), "cifar10": (32, 3, 10)}
 
 
 def data_shape(cfg):

@@ -16,12 +16,13 @@ from torch.utils.data import Dataset
 from fcdm_lab.data import digits as digits_mod
 from fcdm_lab.errors import UserError, choices
 
-DATASETS = ("digits", "fashion-mnist", "imagefolder", "mnist", "fashionmnist", "cifar10", "latents")
+DATASETS = ("digits", "fashion-mnist", "imagefolder", "mnist", "cifar10", "latents")
 SPLITS = ("train", "test")
 CONFIG_KEYS = ("name", "path", "test_path", "image_size", "random_flip", "download")
 # Mirroring helps natural images; it would turn digits into other glyphs.
-_DEFAULT_FLIP = {"digits": False, "mnist": False, "fashionmnist": False, "cifar10": True, "imagefolder": True,
-                 "latents": False, "fashion-mnist": False}
+_DEFAULT_FLIP = {"digits": False, "mnist": False, "cifar10": True, "imagefolder": True, "latents": False,
+                 "fashion-mnist": False}
+_RENAMED = {"fashionmnist": "fashion-mnist"}  # one name per dataset; an old config says what to write
 
 
 class RandomFlip(Dataset):
@@ -44,7 +45,8 @@ def build_dataset(cfg: dict, split: str = "train") -> tuple[Dataset, dict]:
     cfg: name (one of DATASETS), path (required for imagefolder and latents; the download root for
     torchvision datasets), test_path (imagefolder/latents data for split="test"), image_size (int or
     None = native), random_flip (default: on for cifar10/imagefolder, off otherwise; never on the test
-    split), download (torchvision datasets, default true).
+    split), download (mnist/cifar10: default true; fashion-mnist: default false, true fetches the files with
+    torchvision when they are not installed).
     """
     if not isinstance(cfg, dict):
         raise UserError(f"data config must be a mapping with keys {choices(CONFIG_KEYS)}, got {type(cfg).__name__}")
@@ -52,6 +54,9 @@ def build_dataset(cfg: dict, split: str = "train") -> tuple[Dataset, dict]:
     if unknown:
         raise UserError(f"unknown data config key(s) {choices(unknown)}; valid keys: {choices(CONFIG_KEYS)}")
     name = cfg.get("name", "digits")
+    if name in _RENAMED:
+        raise UserError(f"dataset {name!r} is now called {_RENAMED[name]!r} (data.download = true fetches its "
+                        f"files when they are not installed); valid names: {choices(DATASETS)}")
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; valid names: {choices(DATASETS)}")
     if split not in SPLITS:
@@ -71,10 +76,10 @@ def build_dataset(cfg: dict, split: str = "train") -> tuple[Dataset, dict]:
             dataset = RandomFlip(dataset)
         channels, size, num_classes = 1, image_size or digits_mod.NATIVE_SIZE, digits_mod.NUM_CLASSES
         fingerprint = digits_mod.digits_fingerprint(split, image_size)
-    elif name == "fashion-mnist":  # local IDX files (Debian's dataset-fashion-mnist or data.path)
+    elif name == "fashion-mnist":  # IDX files: Debian's dataset-fashion-mnist, data.path, or downloaded
         from fcdm_lab.data.fashion import NUM_CLASSES, FashionMNIST
 
-        dataset = FashionMNIST(split, image_size, cfg.get("path"))
+        dataset = FashionMNIST(split, image_size, cfg.get("path"), download=bool(cfg.get("download", False)))
         channels, size, num_classes = 1, dataset.image_size, NUM_CLASSES
         fingerprint = dataset.fingerprint()
         if flip:

@@ -3,6 +3,8 @@
 Debian ships the four standard files as the package `dataset-fashion-mnist`
 (/usr/share/datasets/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz). Any other folder
 holding them works too (`data.path`), gzipped or not, also torchvision's layout (ROOT/FashionMNIST/raw).
+Where they are missing, `data.download = true` has torchvision fetch them (into data.path, else
+$FCDM_LAB_DATA or ~/.cache/fcdm-lab/datasets, which is also searched when no path is given).
 
     dataset, info = build_dataset({"name": "fashion-mnist", "image_size": 16}, split="train")
 
@@ -35,9 +37,9 @@ SPLITS = ("train", "test")
 _PREFIX = {"train": "train", "test": "t10k"}
 # sub-folders searched under a given folder: the folder itself, torchvision's layout, a bare raw/
 _LAYOUTS = ("", os.path.join("FashionMNIST", "raw"), "raw")
-INSTALL_HINT = ("install it with `apt-get install dataset-fashion-mnist` (files in " + DEBIAN_DIR + "), or set "
+INSTALL_HINT = ("install it with `apt-get install dataset-fashion-mnist` (files in " + DEBIAN_DIR + "), set "
                 "data.path to a folder holding train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
-                "t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz]")
+                "t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz], or set data.download = true")
 
 
 def default_dir() -> str:
@@ -79,18 +81,36 @@ def _find(folder: str, stem: str) -> Path | None:
     return None
 
 
-def find_files(folder: str | None, split: str) -> tuple[Path, Path]:
-    """(images, labels) IDX paths of `split` under `folder` (default: `default_dir()`), or a
-    UserError that says how to install the data."""
+def _split_files(folder: str, split: str) -> tuple[Path, Path] | None:
+    found = [_find(folder, f"{_PREFIX[split]}-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1")]
+    return None if None in found else (found[0], found[1])
+
+
+def resolve_dir(folder: str | os.PathLike | None, split: str = "train", download: bool = False) -> str:
+    """The folder that holds `split`'s files: `folder`, or with none given `default_dir()` and then
+    the download folder; downloaded there first when `download`, else a UserError that says how to
+    install the data."""
+    from fcdm_lab.data.images import default_data_root, open_torchvision
+
     if split not in SPLITS:
         raise UserError(f"unknown {NAME} split {split!r}; valid splits: {choices(SPLITS)}")
-    folder = os.path.expanduser(os.fspath(folder)) if folder else default_dir()
-    prefix = _PREFIX[split]
-    found = [_find(folder, f"{prefix}-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1")]
-    if None in found:
-        where = "not installed" if folder == DEBIAN_DIR else f"not found in {folder!r}"
-        raise UserError(f"Fashion-MNIST {split} files are {where}: {INSTALL_HINT}")
-    return found[0], found[1]
+    candidates = [os.path.expanduser(os.fspath(folder))] if folder else [default_dir(), default_data_root()]
+    for candidate in candidates:
+        if _split_files(candidate, split) is not None:
+            return candidate
+    target = candidates[-1]
+    if download:  # torchvision writes TARGET/FashionMNIST/raw, one of the layouts searched
+        open_torchvision(NAME, os.path.abspath(target), train=split == "train", download=True)
+        if _split_files(target, split) is not None:
+            return target
+    where = "not installed" if candidates[0] == DEBIAN_DIR else f"not found in {candidates[0]!r}"
+    raise UserError(f"Fashion-MNIST {split} files are {where}: {INSTALL_HINT}")
+
+
+def find_files(folder: str | None, split: str) -> tuple[Path, Path]:
+    """(images, labels) IDX paths of `split` (see `resolve_dir`), or a UserError that says how to
+    install the data."""
+    return _split_files(resolve_dir(folder, split), split)
 
 
 @functools.lru_cache(maxsize=4)
@@ -114,7 +134,7 @@ def fashion_arrays(split: str, image_size: int | None = None, folder: str | None
     given (bilinear resize, antialiased when shrinking, as the digits). Fresh, writable arrays."""
     # cache by the folder actually read: `None` would keep serving the default folder's arrays after
     # $FCDM_LAB_FASHION_MNIST (or the default) changed within the process
-    x, y = _raw_arrays(os.path.expanduser(os.fspath(folder)) if folder else default_dir(), split)
+    x, y = _raw_arrays(resolve_dir(folder, split), split)
     x = torch.from_numpy(x.astype(np.float32) / 127.5 - 1.0)[:, None]
     size = x.shape[-1] if image_size is None else image_size
     if size != x.shape[-1]:
@@ -126,9 +146,10 @@ def fashion_arrays(split: str, image_size: int | None = None, folder: str | None
 class FashionMNIST(Dataset):
     """One split in memory: uint8 at the native size (converted per item), float32 when resized."""
 
-    def __init__(self, split: str = "train", image_size: int | None = None, folder: str | None = None):
+    def __init__(self, split: str = "train", image_size: int | None = None, folder: str | None = None,
+                 download: bool = False):
         # the folder actually read (see fashion_arrays: the cache is keyed by it)
-        self.split, self.folder = split, os.path.expanduser(os.fspath(folder)) if folder else default_dir()
+        self.split, self.folder = split, resolve_dir(folder, split, download)
         raw_x, raw_y = _raw_arrays(self.folder, split)
         self.image_size = raw_x.shape[-1] if image_size is None else image_size
         if self.image_size == raw_x.shape[-1]:

@@ -99,9 +99,12 @@ class ImageFolderDataset(tv_datasets.ImageFolder):
 # name -> (torchvision class, channels, native side)
 TORCHVISION_DATASETS = {
     "mnist": (tv_datasets.MNIST, 1, 28),
-    "fashionmnist": (tv_datasets.FashionMNIST, 1, 28),
     "cifar10": (tv_datasets.CIFAR10, 3, 32),
 }
+# What torchvision downloads: these, and Fashion-MNIST's IDX files, which data/fashion.py reads itself
+# (one dataset name, `fashion-mnist`, whether the files came from Debian, a folder or a download).
+_DOWNLOADS = {**{name: entry[0] for name, entry in TORCHVISION_DATASETS.items()},
+              "fashion-mnist": tv_datasets.FashionMNIST}
 DOWNLOAD_TIMEOUT_S = 30  # per socket operation: a stalled mirror fails instead of hanging
 
 
@@ -112,7 +115,7 @@ def default_data_root() -> str:
 
 
 def _manual_instructions(name: str, root: str) -> str:
-    cls = TORCHVISION_DATASETS[name][0]
+    cls = _DOWNLOADS[name]
     if name == "cifar10":
         return (f"download {cls.url} and put {cls.filename} in {root} (unpacked on the next run with "
                 f"download=true), or unpack it there so that {os.path.join(root, cls.base_folder)} exists")
@@ -121,8 +124,27 @@ def _manual_instructions(name: str, root: str) -> str:
     return f"download {urls} and put the .gz files in {raw} (unpacked on the next run with download=true)"
 
 
+def open_torchvision(name: str, root: str, *, train: bool, transform=None, download: bool = True):
+    """torchvision's dataset object `name` under `root`, downloaded first when `download`; a failed
+    download or missing files are one UserError that says where to put the files by hand."""
+    cls = _DOWNLOADS[name]
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torchvision's urlopen calls pass no timeout
+    try:
+        return cls(root, train=train, transform=transform, download=download)
+    except (RuntimeError, OSError) as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__  # torchvision's errors span lines
+        if download:
+            raise UserError(f"could not download dataset {name!r} to {root} ({reason}); "
+                            f"without internet, {_manual_instructions(name, root)}") from e
+        raise UserError(f"dataset {name!r} not found in {root} and download is off; set download: true, "
+                        f"or {_manual_instructions(name, root)}") from e
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
 class TorchvisionDataset(Dataset):
-    """A torchvision dataset (mnist | fashionmnist | cifar10) resized to image_size, in [-1, 1]."""
+    """A torchvision dataset (mnist | cifar10) resized to image_size, in [-1, 1]."""
 
     def __init__(self, name: str, root: str | None = None, split: str = "train", image_size: int | None = None,
                  random_flip: bool = False, download: bool = True):
@@ -143,19 +165,7 @@ class TorchvisionDataset(Dataset):
             T.ToTensor(),
             T.Normalize([0.5] * channels, [0.5] * channels),
         ])
-        old_timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torchvision's urlopen calls pass no timeout
-        try:
-            self.base = cls(root, train=split == "train", transform=transform, download=download)
-        except (RuntimeError, OSError) as e:
-            reason = " ".join(str(e).split())[:300] or type(e).__name__  # torchvision's errors span lines
-            if download:
-                raise UserError(f"could not download dataset {name!r} to {root} ({reason}); "
-                                f"without internet, {_manual_instructions(name, root)}") from e
-            raise UserError(f"dataset {name!r} not found in {root} and download is off; set download: true, "
-                            f"or {_manual_instructions(name, root)}") from e
-        finally:
-            socket.setdefaulttimeout(old_timeout)
+        self.base = open_torchvision(name, root, train=split == "train", transform=transform, download=download)
 
     def __len__(self) -> int:
         return len(self.base)
