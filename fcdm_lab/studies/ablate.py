@@ -454,8 +454,8 @@ def _finish(plan: StudyPlan, study, *, client, exp_id, parent_id, uri, root, cre
     missing = [o for o in outcomes if o.status != STATUS_FINISHED]
     report = build_report(parent_id, uri)
     report.status = STATUS_FAILED if missing else STATUS_FINISHED  # what the parent ends as, just below
-    report.log(parent)
     paths = report.write(root / "report")
+    report.log(parent, paths)  # the files just written, not rendered again
     report.print(console)
     console.print(f"Report: {paths['markdown']}, plot {paths['plot']}, page {paths['html']}", highlight=False)
     console.print(browse_hint(parent_id, uri, report=True), highlight=False)

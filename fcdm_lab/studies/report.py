@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -279,17 +280,24 @@ class Report:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "report.md").write_text(self.markdown())
-        (folder / "summary.json").write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
-        return {"markdown": folder / "report.md", "plot": self.plot(folder / "plot.png"),
-                "summary": folder / "summary.json", "html": write_html(self, folder / "report.html")}
+        # Written aside, then each file renamed into place: two commands finishing one study at once
+        # (or a reader, e.g. the MLflow upload of the other) never see a half-written file.
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".writing-") as tmp:
+            tmp = Path(tmp)
+            (tmp / "report.md").write_text(self.markdown())
+            (tmp / "summary.json").write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+            made = {"markdown": tmp / "report.md", "plot": self.plot(tmp / "plot.png"),
+                    "summary": tmp / "summary.json", "html": write_html(self, tmp / "report.html")}
+            for p in made.values():
+                os.replace(p, folder / p.name)
+        return {key: folder / p.name for key, p in made.items()}
 
-    def log(self, tracker) -> None:
-        """Log report.md, plot.png, summary.json and report.html under `report/` of the study's run,
-        and the verdicts as its metrics and tags."""
+    def log(self, tracker, paths: Optional[Dict[str, Path]] = None) -> None:
+        """Log report.md, plot.png, summary.json and report.html under `report/` of the study's run
+        (`paths`: what `write` returned, else they are written to a temporary folder first), and the
+        verdicts as its metrics and tags."""
         with tempfile.TemporaryDirectory() as tmp:
-            paths = self.write(tmp)
-            for p in paths.values():
+            for p in (paths or self.write(tmp)).values():
                 tracker.log_artifact(p, REPORT_DIR)
         metrics, tags = self.verdict_metrics()
         if self.paper_comparison is not None:
@@ -470,7 +478,7 @@ def report_command(run_id: str, uri: str | None = None, out_dir=None, console=No
     report.print(console)
     folder = Path(out_dir) if out_dir is not None else Path("reports") / f"{report.study}-{run_id[:8]}"
     paths = report.write(folder)
-    report.log(attach_run(run_id, uri))
+    report.log(attach_run(run_id, uri), paths)  # the files just written, not rendered again
     console.print(f"Report written to {paths['markdown']}, {paths['plot']} and {paths['html']}, and logged to run "
                   f"{run_id}", highlight=False)
     return report, paths
