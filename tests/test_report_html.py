@@ -165,3 +165,14 @@ def test_grids_of_runs_logged_before_stepped_images_are_found(store):
     grid = sample_grid(store, [(0, store.get_run(run.info.run_id))])
     assert grid is not None and grid.step == 20
     assert np.asarray(Image.open(io.BytesIO(grid.png)))[0, 0, 0] == 200
+
+
+def test_noise_floor_pools_every_variants_seed_spread(study_report):
+    """The noise floor is the seed-to-seed sd pooled over the variants (each variance weighted by
+    n - 1), not the baseline's alone, and the page and caption say so."""
+    report, path = study_report
+    page = path.read_text()
+    pooled = np.sqrt(np.mean([np.var(v, ddof=1) for v in VALUES.values()]))  # equal n: the plain mean
+    assert report.noise_floor()["fid_fashion"] == pytest.approx(pooled)
+    assert report.noise_floor()["fid_fashion"] != pytest.approx(np.std(BASE, ddof=1))
+    assert "pooled over variants" in report.caption() and "pooled over the variants" in page

@@ -10,7 +10,7 @@ Per variant: params, GMACs and whether they match the baseline's within 1% (with
 knob), every metric as mean +- 95% confidence half-width over seeds (Student t; one seed shows the
 value and says n=1), and per metric the paired difference to the baseline over the seeds both
 finished with its CI and a verdict (better / worse / inconclusive with the seeds a paired test
-would need; verdicts.py); the caption gives the baseline's seed-to-seed sd (the noise floor).
+would need; verdicts.py); the caption gives the seed-to-seed sd pooled over variants (the noise floor).
 `run_ablation` prints this very report at its end, so the table printed there and the one
 `fcdm-lab report RUN_ID` prints agree by construction; the parent run carries the same verdicts
 as metrics and tags. The rich table itself is rendered in display.py.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -140,11 +141,17 @@ class Report:
         return any(r.paper for r in self.rows)
 
     def noise_floor(self) -> Dict[str, float]:
-        """The baseline's seed-to-seed standard deviation per metric (needs >= 2 seeds)."""
-        base = next((r for r in self.rows if r.is_baseline), None)
-        if base is None:
-            return {}
-        return {m: s.sd for m, s in base.metrics.items() if s.sd is not None}
+        """The seed-to-seed standard deviation per metric, pooled over every variant with >= 2 seeds
+        (each variant's variance weighted by its n - 1). Not the baseline's alone: from 3 seeds one
+        variant's sd is itself noisy (a 0.27 FID baseline sd sat next to variants' 2-5 in the
+        Fashion-MNIST study), and the noise an effect must clear is every variant's."""
+        pooled: Dict[str, Tuple[float, int]] = {}
+        for r in self.rows:
+            for m, s in r.metrics.items():
+                if s.sd is not None and s.n >= 2 and math.isfinite(s.sd):
+                    squares, df = pooled.get(m, (0.0, 0))
+                    pooled[m] = (squares + (s.n - 1) * s.sd ** 2, df + s.n - 1)
+        return {m: math.sqrt(squares / df) for m, (squares, df) in pooled.items() if df}
 
     def header(self) -> List[str]:
         cols = ["variant", "n", "params", "GMACs", "matched", *self.metrics, *[f"Δ {m} (verdict)" for m in self.metrics],
@@ -175,7 +182,8 @@ class Report:
                 f"sorted by {self.primary} ({better} is better); matched = GMACs within 1% of the baseline's")
         floor = self.noise_floor()
         if floor:
-            text += "; noise floor (baseline seed-to-seed sd): " + ", ".join(f"{m} {v:.2g}" for m, v in floor.items())
+            text += "; noise floor (seed-to-seed sd, pooled over variants): " + ", ".join(
+                f"{m} {v:.2g}" for m, v in floor.items())
         elif self.seeds == 1:
             text += f"; {NO_ERROR_BAR}: run more seeds (--seeds 3) for error bars and verdicts"
         if self.has_paper:
@@ -205,7 +213,7 @@ class Report:
     def verdict_metrics(self) -> tuple[Dict[str, float], Dict[str, str]]:
         """The verdicts as parent-run metrics and tags: verdict.<variant>.<metric> = better | worse |
         inconclusive | n=1: no error bar (tag); .diff/.ci_low/.ci_high/.seeds_needed (metrics);
-        noise_floor.<metric> = the baseline's seed-to-seed sd."""
+        noise_floor.<metric> = the seed-to-seed sd pooled over variants."""
         metrics: Dict[str, float] = {f"noise_floor.{m}": v for m, v in self.noise_floor().items()}
         tags: Dict[str, str] = {}
         for r in self.rows:

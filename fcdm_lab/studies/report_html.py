@@ -98,7 +98,7 @@ def _pyplot():
 
 def forest_plot(report) -> Optional[bytes]:
     """PNG: per non-baseline variant the paired difference of the primary metric to the baseline
-    with its 95% CI, a line at 0, the noise floor (baseline seed-to-seed sd) as a band around 0,
+    with its 95% CI, a line at 0, the noise floor (seed-to-seed sd pooled over variants) as a band around 0,
     colour by verdict; a variant with one paired seed is a hollow point without a bar. None when no
     variant has a paired difference."""
     primary = report.primary
@@ -110,7 +110,7 @@ def forest_plot(report) -> Optional[bytes]:
     fig, ax = plt.subplots(figsize=(7.8, 0.62 * len(rows) + 1.9), dpi=110)
     floor = report.noise_floor().get(primary)
     if floor:
-        ax.axvspan(-floor, floor, color="#8c959f", alpha=0.18, lw=0, label=f"noise floor (±{floor:.2g}, baseline sd)")
+        ax.axvspan(-floor, floor, color="#8c959f", alpha=0.18, lw=0, label=f"noise floor (±{floor:.2g}, pooled seed sd)")
     ax.axvline(0.0, color="#1f2328", lw=1.0)
     labels, seen = [], set()
     for y, r in enumerate(reversed(rows)):  # the report's order, top to bottom
@@ -253,8 +253,8 @@ def render_html(report) -> str:
           and r.verdicts[report.primary].diff.half is None]
     note = ("Each bar: the mean over seeds of (variant − baseline) with its 95% t-interval; a verdict is better / "
             "worse only when the interval excludes 0. ")
-    note += (f"Grey band: ± the baseline's seed-to-seed sd ({floor:.2g}), the noise floor. " if floor else
-             "No noise floor: the baseline needs at least 2 seeds. ")
+    note += (f"Grey band: ± the seed-to-seed sd pooled over the variants ({floor:.2g}), the noise floor. " if floor
+             else "No noise floor: it needs at least 2 seeds of a variant. ")
     if n1:
         note += f"Hollow points ({', '.join(n1)}): one paired seed, so no error bar and no verdict."
     parts.append(_plot_section(f"Forest plot: Δ {report.primary} against the baseline", forest_plot(report),
