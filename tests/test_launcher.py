@@ -5,10 +5,12 @@ one line in its job's stderr and exit 2; the Slurm job parameters handed to subm
 input is one line, exit 2, nothing written."""
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
@@ -65,13 +67,15 @@ def test_submitit_local_runs_the_study_in_two_jobs(store, tmp_path, capsys):
     assert "Study tiny2x2: tiny GRN vs CCA" in out and "verdict" in out and "Report:" in out
 
 
-def test_stopping_the_launcher_cancels_its_jobs(store, tmp_path):
-    """SIGTERM to the launcher alone (kill PID; Ctrl-C in a terminal also reaches the jobs): it
-    cancels its jobs, which checkpoint and fail their trials; exit 143 and the resume line."""
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_stopping_the_launcher_cancels_its_jobs(store, tmp_path, how):
+    """SIGTERM to the launcher alone (kill PID), or SIGINT to its whole process group (what Ctrl-C
+    in a terminal does; it reaches the job controllers and workers too): the jobs checkpoint and
+    fail their trials, nothing stays RUNNING; exit 143 / 130 and the resume line."""
     path = write_study(tmp_path, steps=5000, **{"train.ckpt_every": 10})
     proc = subprocess.Popen([sys.executable, "-m", "fcdm_lab", "ablate", str(path), "--seeds", "1", "--launcher",
                              "submitit-local", "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=True)  # its own process group, as a terminal's job
     running, deadline = [], time.time() + 180
     while len(running) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
@@ -80,16 +84,39 @@ def test_stopping_the_launcher_cancels_its_jobs(store, tmp_path):
         except Exception:  # the study is not created yet
             continue
     assert len(running) == 2, proc.communicate()[0]
-    proc.send_signal(signal.SIGTERM)
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    else:  # the job controllers ignore Ctrl-C (one that gets it kills its worker 1 s later, mid-checkpoint)
+        controllers = [pid for pid in _children(proc.pid) if b"submitit" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(controllers) == 2 and all(_ignores_sigint(pid) for pid in controllers), controllers
+        os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 143, out
+    assert proc.returncode == (143 if how == "sigterm" else 130), out
     assert "resume with the same command" in out and "Traceback" not in out
     study = the_study()
     assert {(t.state, t.user_attrs.get("error")) for t in study.trials} == {(TrialState.FAIL, "interrupted")}, out
     assert {r.info.status for r in store.search_runs(["1"], "")} == {"KILLED"}, out  # parent and both children
     logs = sorted((tmp_path / "runs" / "submitit" / study.study_name).glob("*_0_log.err"))
     # each job's log: the worker's one stop line (with the checkpoint when it was past setup)
-    assert len(logs) == 2 and all(f.read_text().count("interrupted: stopped by SIGTERM") == 1 for f in logs), out
+    stop = re.compile(r"interrupted: stopped by SIG(TERM|INT)")  # Ctrl-C: the worker may see SIGINT first
+    assert len(logs) == 2 and all(len(stop.findall(f.read_text())) == 1 for f in logs), out
+
+
+def _children(pid: int):
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+        except (OSError, IndexError, ValueError):  # exited meanwhile
+            continue
+    return out
+
+
+def _ignores_sigint(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+    return bool(mask & (1 << (signal.SIGINT - 1)))
 
 
 def _key(trial):

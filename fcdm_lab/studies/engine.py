@@ -435,6 +435,24 @@ def _quiet_submission():
             os.close(fd)
 
 
+@contextlib.contextmanager
+def _jobs_leave_ctrl_c_to_us(launcher: Launcher):
+    """submitit-local's job controllers are our children, in the terminal's process group: Ctrl-C
+    reaches them too, and a controller answers SIGINT by killing its worker 1 s later, often before
+    the worker has saved anything (its trial then stays RUNNING until a heartbeat check). Started
+    with SIGINT ignored (children inherit that, and Python keeps it), a controller waits for its
+    worker instead: the worker stops itself cleanly (its trainer handles SIGINT) or on the SIGTERM
+    this launcher sends when Ctrl-C reaches it (`_cancel`)."""
+    if launcher.kind != "submitit-local" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _cancel(job, launcher: Launcher) -> None:
     """Stop a job as `scancel` does: SIGTERM, which the worker turns into a clean stop (checkpoint,
     trial FAIL, run KILLED). A submitit-local job is its controller process (the job id is its pid),
@@ -456,7 +474,7 @@ def _submit_workers(launcher: Launcher, kind: str, kwargs: Dict[str, Any], worke
     threads = launcher.threads(workers)
     executor = launcher.executor(folder, workers=workers, name=f"fcdm-{name}")
     try:
-        with _quiet_submission():
+        with _quiet_submission(), _jobs_leave_ctrl_c_to_us(launcher):
             jobs = executor.map_array(_run_worker, [WorkerArgs(kind, kwargs, i, threads, submitted=True)
                                                     for i in range(workers)])
     except Exception as e:  # sbatch refused the jobs (a partition, limit or account): its last line
