@@ -150,3 +150,39 @@ def test_workers_share_a_postgresql_storage(store, tmp_path, postgres):
     result = run_ablation(str(path), workers=2, storage=postgres, progress=False)
     assert result.storage.startswith("postgresql://") and not Path("optuna.db").exists()
     assert_each_child_once(store, result.parent_run_id, storage=postgres)
+
+
+def test_a_transient_storage_error_between_trials_is_retried(monkeypatch, tmp_path):
+    """SQLite's "database is locked" (or a dropped server connection) in a worker's bookkeeping
+    call is retried, not the end of the worker; a persistent one still surfaces."""
+    from optuna.exceptions import StorageInternalError
+
+    from fcdm_lab.studies import engine
+
+    monkeypatch.setattr(engine.time, "sleep", lambda s: None)
+
+    class FlakyJob:
+        def __init__(self, errors):
+            self.errors = errors
+
+        def claim(self, study):
+            if self.errors:
+                self.errors -= 1
+                raise StorageInternalError("(sqlite3.OperationalError) database is locked")
+            return engine.claim_waiting(study)
+
+        def run(self, trial):
+            return 1.0
+
+        def finished(self, study):
+            return not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
+
+    from fcdm_lab.studies.storage import open_storage
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'optuna.db'}"))
+    study.enqueue_trial({})
+    assert engine.work(study, FlakyJob(errors=engine.STORAGE_ATTEMPTS - 1), poll_s=0).ran == [0]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+    study.enqueue_trial({})
+    with pytest.raises(StorageInternalError):
+        engine.work(study, FlakyJob(errors=engine.STORAGE_ATTEMPTS), poll_s=0)

@@ -136,6 +136,25 @@ def _tell(study, trial, values=None, state=None) -> None:
             raise
 
 
+STORAGE_ATTEMPTS = 5  # a worker's bookkeeping call to the storage, tried this often (1, 2, 4, 8 s apart)
+
+
+def _with_retries(call: Callable[[], Any]) -> Any:
+    """A bookkeeping call to the Optuna storage, retried on a transient database error (SQLite's
+    "database is locked" on a loaded machine, a dropped server connection): such an error must not
+    end a worker, and with it a whole command, between two trials."""
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import OperationalError
+
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            return call()
+        except (StorageInternalError, OperationalError):
+            if attempt == STORAGE_ATTEMPTS - 1:
+                raise
+            time.sleep(2 ** attempt)
+
+
 @dataclass
 class WorkReport:
     ran: List[int] = field(default_factory=list)         # trial numbers this worker ran
@@ -150,15 +169,15 @@ def work(study, job: Job, *, console=None, poll_s: float = POLL_S) -> WorkReport
 
     report = WorkReport()
     while True:
-        fail_stale(study)
-        trial = job.claim(study)
+        _with_retries(lambda: fail_stale(study))
+        trial = _with_retries(lambda: job.claim(study))
         if trial is None:
-            if job.finished(study):
+            if _with_retries(lambda: job.finished(study)):
                 return report
             time.sleep(poll_s)
             continue
         report.ran.append(trial.number)
-        trial.set_user_attr("worker_pid", os.getpid())
+        _with_retries(lambda: trial.set_user_attr("worker_pid", os.getpid()))
         try:
             with heartbeat(study, trial):
                 values = job.run(trial)
@@ -173,7 +192,7 @@ def work(study, job: Job, *, console=None, poll_s: float = POLL_S) -> WorkReport
             _tell(study, trial, state=TrialState.FAIL)
             raise
         else:
-            _tell(study, trial, values)
+            _with_retries(lambda: _tell(study, trial, values))
         after = getattr(job, "after", None)  # optional: a line per finished trial
         if after is not None:
             after(study, trial.number)
