@@ -182,10 +182,10 @@ def work(study, job: Job, *, console=None, poll_s: float = POLL_S) -> WorkReport
             with heartbeat(study, trial):
                 values = job.run(trial)
         except optuna.TrialPruned:
-            _tell(study, trial, state=TrialState.PRUNED)
+            _with_retries(lambda: _tell(study, trial, state=TrialState.PRUNED))
         except Exception as e:
-            trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:1000])
-            _tell(study, trial, state=TrialState.FAIL)
+            _with_retries(lambda: trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:1000]))
+            _with_retries(lambda: _tell(study, trial, state=TrialState.FAIL))
             report.failed.append(f"trial {trial.number}: {e}")
         except BaseException:  # KeyboardInterrupt, SystemExit, signals: FAIL so a rerun retries it
             trial.set_user_attr("error", "interrupted")
