@@ -143,7 +143,7 @@ class Report:
     def noise_floor(self) -> Dict[str, float]:
         """The seed-to-seed standard deviation per metric, pooled over every variant with >= 2 seeds
         (each variant's variance weighted by its n - 1). Not the baseline's alone: from 3 seeds one
-        variant's sd is itself noisy (a 0.27 FID baseline sd sat next to variants' 2-5 in the
+        variant's sd is itself noisy (a 0.27 FID baseline sd sat next to variants' 0.9-1.9 in the
         Fashion-MNIST study), and the noise an effect must clear is every variant's."""
         pooled: Dict[str, Tuple[float, int]] = {}
         for r in self.rows:
