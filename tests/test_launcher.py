@@ -75,7 +75,8 @@ def test_stopping_the_launcher_cancels_its_jobs(store, tmp_path, how):
     path = write_study(tmp_path, steps=5000, **{"train.ckpt_every": 10})
     proc = subprocess.Popen([sys.executable, "-m", "fcdm_lab", "ablate", str(path), "--seeds", "1", "--launcher",
                              "submitit-local", "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)  # its own process group, as a terminal's job
+                            text=True, start_new_session=True,  # its own process group, as a terminal's job
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # SIGABRT dumps the stacks
     running, deadline = [], time.time() + 180
     while len(running) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
@@ -90,7 +91,14 @@ def test_stopping_the_launcher_cancels_its_jobs(store, tmp_path, how):
         controllers = [pid for pid in _children(proc.pid) if b"submitit" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(controllers) == 2 and all(_ignores_sigint(pid) for pid in controllers), controllers
         os.killpg(proc.pid, signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # say what each process was doing, then clean up
+        os.killpg(proc.pid, signal.SIGABRT)
+        time.sleep(2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        logs = "".join(f"\n--- {f.name}:\n{f.read_text()[-3000:]}" for f in sorted((tmp_path / "runs").rglob("*_log.*")))
+        pytest.fail(f"the launcher did not stop within 120 s:\n{proc.communicate()[0]}{logs}", pytrace=False)
     assert proc.returncode == (143 if how == "sigterm" else 130), out
     assert "resume with the same command" in out and "Traceback" not in out
     study = the_study()

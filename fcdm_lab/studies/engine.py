@@ -256,6 +256,10 @@ def _run_worker(args: WorkerArgs) -> int:
     done, 2 a UserError, 130 / 143 stopped by a signal). The function a submitit job runs: a return
     value, not sys.exit, so submitit records the result, and errors go to stderr (the job's log)."""
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    if args.submitted and threading.current_thread() is threading.main_thread():
+        # a submitit-local job inherits SIGINT ignored from its controller (_jobs_leave_ctrl_c_to_us):
+        # the worker itself stops on Ctrl-C, wherever it is (setup, training, evaluation)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -460,8 +464,8 @@ def _jobs_leave_ctrl_c_to_us(launcher: Launcher):
     reaches them too, and a controller answers SIGINT by killing its worker 1 s later, often before
     the worker has saved anything (its trial then stays RUNNING until a heartbeat check). Started
     with SIGINT ignored (children inherit that, and Python keeps it), a controller waits for its
-    worker instead: the worker stops itself cleanly (its trainer handles SIGINT) or on the SIGTERM
-    this launcher sends when Ctrl-C reaches it (`_cancel`)."""
+    worker instead: the worker (which handles SIGINT again, `_run_worker`) stops itself cleanly, as
+    it does on the SIGTERM this launcher sends when Ctrl-C reaches it (`_cancel`)."""
     if launcher.kind != "submitit-local" or threading.current_thread() is not threading.main_thread():
         yield
         return
