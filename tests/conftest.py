@@ -9,6 +9,7 @@ temporary folders, so tests never touch the user's stores.
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -93,3 +94,10 @@ def postgres_cluster(user: str | None = None, password: str | None = None):
         subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
                        capture_output=True, timeout=60)
         shutil.rmtree(data, ignore_errors=True)
+
+
+def sigint_default() -> None:
+    """preexec_fn of a child a test sends SIGINT (Ctrl-C): SIGINT back to its default first. A suite
+    started as a background job (`cmd &` in a script, e.g. a CI runner) ignores SIGINT, children
+    inherit that, and a Python child then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
+from conftest import sigint_default
 from test_engine import the_study, write_study
 
 from fcdm_lab.cli import main
@@ -76,7 +77,8 @@ def test_stopping_the_launcher_cancels_its_jobs(store, tmp_path, how):
     proc = subprocess.Popen([sys.executable, "-m", "fcdm_lab", "ablate", str(path), "--seeds", "1", "--launcher",
                              "submitit-local", "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True,  # its own process group, as a terminal's job
-                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # SIGABRT dumps the stacks
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT dumps the stacks
+                            preexec_fn=sigint_default)
     running, deadline = [], time.time() + 180
     while len(running) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import sigint_default
 
 from fcdm_lab import signals
 from fcdm_lab.cli import main
@@ -61,7 +62,7 @@ def cli_env():
 
 def start_cli(*args, cwd):
     return subprocess.Popen([sys.executable, "-m", "fcdm_lab", *args], cwd=cwd, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
 
 
 def wait_for_line(proc, pattern, timeout=120):

@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from conftest import sigint_default
 
 from fcdm_lab.config import load_experiment
 from fcdm_lab.errors import UserError
@@ -76,16 +77,17 @@ def test_sigint_in_another_process_kills_child_of_parent(store, tmp_path):
                 time.sleep(120)
         """)
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
+                                text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"},
+                                preexec_fn=sigint_default)
         try:
             run_id = proc.stdout.readline().strip()
             assert run_id, proc.stderr.read()
             proc.send_signal(signal.SIGINT)
             try:
-                assert proc.wait(timeout=120) != 0
-            except subprocess.TimeoutExpired:  # what the child was doing (it failed once in CI, cause unseen)
+                assert proc.wait(timeout=60) != 0
+            except subprocess.TimeoutExpired:  # what the child was doing
                 proc.send_signal(signal.SIGABRT)  # faulthandler dumps every thread's stack
-                pytest.fail(f"no exit 120 s after SIGINT; its stderr:\n{proc.communicate(timeout=30)[1]}", pytrace=False)
+                pytest.fail(f"no exit 60 s after SIGINT; its stderr:\n{proc.communicate(timeout=30)[1]}", pytrace=False)
         finally:
             if proc.poll() is None:
                 proc.kill()
