@@ -152,5 +152,6 @@ def test_seeds_for_a_stated_effect_of_interest():
 
 def test_cells_stay_short():
     # the cell goes in a terminal table with several metrics: a few tens of characters at most
-    for v in [*_family(min_effect=0.05).values(), paired_verdict([0.5, 0.6, 0.8], [0.7, 0.8, 0.9], lower_is_better=True)]:
+    cells = [*_family(min_effect=0.05).values(), paired_verdict([0.5, 0.6, 0.8], [0.7, 0.8, 0.9], lower_is_better=True)]
+    for v in cells:
         assert len(v.fmt()) <= 44, v.fmt()

@@ -189,7 +189,8 @@ class Verdict:
     alpha: float = ALPHA                   # family-wise level
     mde: Optional[float] = None            # min detectable |effect| at n, 80% power, level alpha / family_size
     min_effect: Optional[float] = None     # the effect of interest, when the study states one
-    seeds_needed: Optional[int] = None     # paired seeds to detect min_effect (80% power, same level); None if > MAX_SEEDS
+    seeds_needed: Optional[int] = None     # paired seeds to detect min_effect (80% power, same level);
+    #                                        None without min_effect, when decided, or above MAX_SEEDS
 
     @property
     def level(self) -> float:
