@@ -9,6 +9,7 @@ import sys
 from urllib.parse import urlsplit
 
 from .errors import UserError
+from .urls import has_password, redact, without_password
 from .tracking import (DEFAULT_EXPERIMENT, UI_WORKFLOW_QUERY, _client, default_tracking_uri, probe_tracking_uri,
                        resolve_tracking_uri)
 
@@ -18,7 +19,7 @@ def ui_command(uri: str | None = None, host: str = "127.0.0.1", port: int = 5000
     small machine and one person browsing needs one."""
     uri = resolve_tracking_uri(uri)
     if urlsplit(uri).scheme in ("http", "https"):
-        raise UserError(f"{uri} is already a tracking server: open it in a browser instead of starting a UI")
+        raise UserError(f"{redact(uri)} is already a tracking server: open it in a browser instead of starting a UI")
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
             "--workers", str(workers)]
 
@@ -33,7 +34,7 @@ def launch_ui(uri: str | None = None, host: str = "127.0.0.1", port: int = 5000)
     probe_tracking_uri(store)
     exp = _client(store).get_experiment_by_name(DEFAULT_EXPERIMENT)
     link = ui_link(f"http://{host}:{port}", exp.experiment_id if exp is not None else None)
-    print(f"MLflow UI for {store}: open {link} (Ctrl+C to stop)", flush=True)
+    print(f"MLflow UI for {redact(store)}: open {link} (Ctrl+C to stop)", flush=True)
     proc = subprocess.Popen(cmd)
 
     def stop(signum, frame):  # SIGTERM to us: stop the server too instead of orphaning it
@@ -66,12 +67,14 @@ def browse_hint(run_id: str | None, uri: str | None = None, *, report: bool = Fa
         exp_id = _client(uri).get_run(run_id).info.experiment_id if run_id else None
     except Exception:  # a hint must not fail the command that has just finished
         exp_id = None
+    shown = without_password(uri)  # a printed line never carries a password: the browser or libpq asks for it
     if urlsplit(uri).scheme in ("http", "https"):
-        where = f"open {ui_link(uri, exp_id)}"
+        where = f"open {ui_link(shown, exp_id)}"
     elif uri == default_tracking_uri() and not os.environ.get("MLFLOW_TRACKING_URI"):
         where = f"run `fcdm-lab ui`, open {ui_link('http://127.0.0.1:5000', exp_id)}"
     else:
-        where = f"run `MLFLOW_TRACKING_URI={uri} fcdm-lab ui`, open {ui_link('http://127.0.0.1:5000', exp_id)}"
+        password = " (the password from $PGPASSWORD)" if has_password(uri) else ""
+        where = f"run `MLFLOW_TRACKING_URI={shown} fcdm-lab ui`{password}, open {ui_link('http://127.0.0.1:5000', exp_id)}"
     text = f"Browse: {where} (run {run_id})"
     if report:
         text += f"; rebuild the report: `fcdm-lab report {run_id}`"

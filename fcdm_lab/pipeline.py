@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from .errors import UserError
+from .urls import without_password
 from .tracking import DEFAULT_EXPERIMENT, _client, get_client, is_main_process, resolve_tracking_uri, tracked_run
 
 RUN_FILE = "mlflow_run.json"            # written into a training out dir: which run holds its logs
@@ -117,7 +118,8 @@ def run_pipeline(tracker, cfg, out_dir, *, resume: Optional[str] = None, evaluat
 
 @dataclass
 class RunPointer:
-    """Contents of `<out_dir>/mlflow_run.json`: which run a training folder logged into."""
+    """Contents of `<out_dir>/mlflow_run.json`: which run a training folder logged into. The URI is
+    stored without its password (the environment supplies it when the run is reopened)."""
 
     run_id: str
     tracking_uri: str
@@ -126,7 +128,8 @@ class RunPointer:
     def save(self, out_dir) -> Path:
         path = Path(out_dir) / RUN_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.__dict__, indent=2) + "\n")
+        data = {**self.__dict__, "tracking_uri": without_password(self.tracking_uri)}
+        path.write_text(json.dumps(data, indent=2) + "\n")
         return path
 
     @classmethod
@@ -157,7 +160,7 @@ def _resumable_run_id(out_dir, uri: str, resume) -> str | None:
     if resume is None:
         return None
     pointer = RunPointer.find(out_dir if resume == "latest" else resume)
-    if pointer is None or pointer.tracking_uri != uri:
+    if pointer is None or without_password(pointer.tracking_uri) != without_password(uri):
         return None
     try:
         _client(uri).get_run(pointer.run_id)

@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional
 from urllib.parse import urlsplit
 
 from .errors import UserError, choices
+from .urls import redact, scrub
 
 DEFAULT_EXPERIMENT = "fcdm-lab"
 URI_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql")
@@ -64,7 +65,7 @@ def default_tracking_uri() -> str:
 
 def check_tracking_uri(uri: str) -> str:
     """Validate the form of a tracking URI; a malformed one is a one-line UserError."""
-    bad = f"malformed tracking URI {uri!r}; valid forms: {choices(URI_FORMS)}"
+    bad = f"malformed tracking URI {redact(uri)!r}; valid forms: {choices(URI_FORMS)}"
     if not isinstance(uri, str) or not uri.strip():
         raise UserError(bad)
     uri = uri.strip()
@@ -94,25 +95,86 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return check_tracking_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
 
 
-def probe_tracking_uri(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+def probe_tracking_uri(uri: str, timeout: float = PROBE_TIMEOUT_S, *, existing: bool = False) -> None:
     """Fail fast with a UserError when the tracking store cannot be used.
 
     A server is asked for `/health` with a short timeout (any HTTP answer counts as reachable: the
-    real API calls will report what is wrong with it); a local SQLite store gets its folder made.
+    real API calls will report what is wrong with it); a database server (postgresql, mysql, mssql)
+    gets one connection attempt with a short timeout (MLflow itself retries for minutes); a local
+    SQLite file must be an SQLite database, and gets its folder made. existing=True (commands that
+    only read runs): a SQLite store must already exist, so that asking for a run id in an empty
+    folder does not leave an empty mlflow.db behind.
     """
     parts = urlsplit(uri)
-    if parts.scheme in ("http", "https"):
+    scheme = parts.scheme.split("+")[0]
+    if scheme in ("http", "https"):
         base = uri.rstrip("/")
         # /health answers without credentials; a server behind auth answers the REST API with 401/403
         codes = [_http_status(base + "/health", timeout, uri),
                  _http_status(base + "/api/2.0/mlflow/experiments/search?max_results=1", timeout, uri)]
         if not (codes[0] == 200 or codes[1] in (200, 401, 403)):
-            raise UserError(f"{uri} answered HTTP {codes[0]} on /health and {codes[1]} on the REST API: it does "
+            raise UserError(f"{redact(uri)} answered HTTP {codes[0]} on /health and {codes[1]} on the REST API: it does "
                             f"not look like an MLflow tracking server (valid forms: {choices(URI_FORMS)})")
-    elif parts.scheme == "sqlite":
+    elif scheme in ("postgresql", "mysql", "mssql"):
+        _probe_database(uri, timeout)
+    elif scheme == "sqlite":
         path = Path(uri[len("sqlite:///"):])
-        if str(path) != ":memory:":
+        if str(path) == ":memory:":
+            return
+        if path.exists():
+            _check_sqlite_file(path, uri)
+        elif existing:
+            raise UserError(f"no MLflow store at {path} (the file does not exist); pass the store the runs are in with "
+                            f"--tracking-uri or MLFLOW_TRACKING_URI")
+        else:
             path.parent.mkdir(parents=True, exist_ok=True)
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _check_sqlite_file(path: Path, uri: str) -> None:
+    """A one-line UserError unless `path` is a readable SQLite database (an empty file is one)."""
+    import sqlite3
+
+    if path.is_dir():
+        raise UserError(f"tracking store {redact(uri)}: {path} is a folder, not an SQLite database file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+        if head and head != SQLITE_HEADER:
+            raise sqlite3.DatabaseError("file is not a database")
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)) as db:
+            db.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+    except (sqlite3.DatabaseError, OSError) as e:
+        raise UserError(f"tracking store {path} is not a readable SQLite database ({e}); move it aside or pass "
+                        f"another store with --tracking-uri") from None
+
+
+def _probe_database(uri: str, timeout: float) -> None:
+    """One connection to a database tracking store, `timeout` seconds at most."""
+    from sqlalchemy import create_engine, exc
+
+    scheme = urlsplit(uri).scheme.split("+")[0]
+    connect_args = {"connect_timeout": max(1, int(timeout))} if scheme in ("postgresql", "mysql") else {}
+    try:
+        engine = create_engine(uri, connect_args=connect_args, poolclass=_null_pool())
+        with engine.connect():
+            pass
+        engine.dispose()
+    except ImportError as e:
+        raise UserError(f"tracking store {redact(uri)} needs a database driver that is not installed "
+                        f"({scrub(e, uri)}); install it (pip install -e '.[postgres]' for postgresql://)") from None
+    except exc.SQLAlchemyError as e:
+        reason = scrub(str(getattr(e, "orig", None) or e).strip().splitlines()[0], uri)
+        raise UserError(f"tracking store {redact(uri)} is unreachable ({reason}); start the database or pick "
+                        f"another store with --tracking-uri / MLFLOW_TRACKING_URI") from None
+
+
+def _null_pool():
+    from sqlalchemy.pool import NullPool
+
+    return NullPool
 
 
 def _http_status(url: str, timeout: float, uri: str) -> int:
@@ -125,7 +187,7 @@ def _http_status(url: str, timeout: float, uri: str) -> int:
     except (urllib.error.URLError, OSError) as e:
         port = urlsplit(uri).port or 5000
         raise UserError(
-            f"tracking server {uri} is unreachable ({getattr(e, 'reason', e)}); start one (`mlflow server "
+            f"tracking server {redact(uri)} is unreachable ({scrub(getattr(e, 'reason', e), uri)}); start one (`mlflow server "
             f"--host 127.0.0.1 --port {port}`) or pick another store with --tracking-uri / MLFLOW_TRACKING_URI "
             f"(valid forms: {choices(URI_FORMS)})") from None
 
@@ -136,11 +198,11 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def get_client(uri: str | None = None, *, probe: bool = True):
-    """An MlflowClient for the resolved URI (probed first)."""
+def get_client(uri: str | None = None, *, probe: bool = True, existing: bool = False):
+    """An MlflowClient for the resolved URI (probed first; existing=True: a local store must exist)."""
     uri = resolve_tracking_uri(uri)
     if probe:
-        probe_tracking_uri(uri)
+        probe_tracking_uri(uri, existing=existing)
     return _client(uri)
 
 
@@ -165,11 +227,11 @@ def experiment_id(client, name: str = DEFAULT_EXPERIMENT) -> str:
 
 def get_run(run_id: str, uri: str | None = None, *, client=None):
     """The MLflow Run with this id, or a UserError saying where it was looked for."""
-    client = client or get_client(uri)
+    client = client or get_client(uri, existing=True)
     try:
         return client.get_run(run_id)
     except Exception:
-        raise UserError(f"no MLflow run {run_id!r} in {client.tracking_uri}; list runs with `fcdm-lab ui` "
+        raise UserError(f"no MLflow run {run_id!r} in {redact(client.tracking_uri)}; list runs with `fcdm-lab ui` "
                         f"or pass the store with --tracking-uri") from None
 
 
@@ -386,7 +448,7 @@ def tracked_run(name: str | None = None, *, uri: str | None = None, experiment: 
 def attach_run(run_id: str, uri: str | None = None) -> Tracker:
     """A Tracker that logs into an existing run without changing its status (e.g. evaluation
     metrics added to a finished training run)."""
-    client = get_client(uri)
+    client = get_client(uri, existing=True)
     get_run(run_id, client=client)  # a UserError if it does not exist
     return Tracker(client, run_id, resumed=True)
 

@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterable, List, Mapping
 import torch
 
 from ..errors import UserError, choices
+from ..urls import redact
 
 FEATURE_METRICS = {"fid": "fid", "kid": "kid", "is": "is", "precision": "prc", "recall": "prc"}
 EXTRACTOR_TAGS = ("digits", "inception", "fashion")
@@ -292,7 +293,7 @@ def evaluate_checkpoint(checkpoint, *, num_samples: int | None = None, metrics: 
             target = attach_run(pointer.run_id, uri or pointer.tracking_uri)
             uri = uri or pointer.tracking_uri
         except UserError:
-            say(f"training run {pointer.run_id} (recorded in {pointer.tracking_uri}) is not in this store; "
+            say(f"training run {pointer.run_id} (recorded in {redact(pointer.tracking_uri)}) is not in this store; "
                 f"logging to a new evaluation run")
         if target is not None and target.client.get_run(target.run_id).data.tags.get("kind") == "ablation-child":
             # a study's report reads its children's metrics: another evaluation must not replace them

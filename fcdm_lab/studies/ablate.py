@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from ..errors import UserError
+from ..urls import without_password
 from ..tracking import (DEFAULT_EXPERIMENT, STATUS_FAILED, STATUS_FINISHED, STATUS_KILLED, STATUS_RUNNING,
                         browse_hint, experiment_id, get_client, git_state, package_versions, resolve_tracking_uri,
                         tracked_run)
@@ -258,7 +259,7 @@ def _create_or_join(plan: StudyPlan, storage, study_name: str, *, client, exp_id
             root = Path(out_dir) if out_dir is not None else Path("runs") / "studies" / f"{plan.spec.name}-{parent[:8]}"
             _log_parent_inputs(client, parent, plan, root, uri)
             study.set_user_attr(PLAN_ATTR, plan.settings_hash)
-            study.set_user_attr(URI_ATTR, uri)
+            study.set_user_attr(URI_ATTR, without_password(uri))
             study.set_user_attr(ROOT_ATTR, str(root.resolve()))
             for child in plan.children:  # seed-major: whole pairs finish first
                 _enqueue(study, child)

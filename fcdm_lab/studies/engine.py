@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Protocol
 
+from ..urls import redact
+
 PARENT_ATTR = "mlflow_parent_run_id"       # Optuna study user attrs shared by every worker
 URI_ATTR = "mlflow_tracking_uri"
 POLL_S = 2.0                               # a waiting worker looks for claimable trials this often
@@ -61,7 +63,7 @@ def check_parent_reachable(client, study, parent: str, uri: str, what: str) -> N
         client.get_run(parent)
     except Exception:
         where = study.user_attrs.get(URI_ATTR, "the creator's URI")
-        raise UserError(f"the {what}'s parent MLflow run {parent} is not in {uri}; workers must share one "
+        raise UserError(f"the {what}'s parent MLflow run {parent} is not in {redact(uri)}; workers must share one "
                         f"tracking store: pass --tracking-uri {where}") from None
 
 

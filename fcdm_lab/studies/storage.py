@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from ..errors import UserError, choices
+from ..urls import redact, scrub
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 MAX_RETRY = 3            # a trial whose worker died is retried this many times
@@ -33,16 +34,6 @@ def heartbeat_s() -> int:
 
 STORAGE_FORMS = ("sqlite:///optuna.db", "sqlite:////abs/path/optuna.db", "postgresql://USER:PASS@HOST/DB",
                  "mysql+pymysql://USER:PASS@HOST/DB")
-
-
-def redact(url: str) -> str:
-    """A storage URL with its password hidden (for tags, tables and logs)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url
 
 
 def pasteable(url: str) -> tuple[str, str | None]:
@@ -79,11 +70,11 @@ def check_storage_url(url: str | None) -> str:
     try:
         make_url(url).get_dialect().import_dbapi()
     except ImportError as e:
-        raise UserError(f"storage {redact(url)!r} needs a database driver that is not installed ({e}); install "
+        raise UserError(f"storage {redact(url)!r} needs a database driver that is not installed ({scrub(e, url)}); install "
                         f"it, name an installed one in the URL (postgresql+psycopg2://, mysql+pymysql://) or use "
                         f"{DEFAULT_STORAGE}") from None
     except Exception as e:  # ArgumentError (unparsable), NoSuchModuleError (unknown database)
-        raise UserError(f"{bad} ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{bad} ({scrub(str(e).splitlines()[0], url)})") from None
     return url
 
 
@@ -119,7 +110,7 @@ def open_storage(url: str | None):
         raise UserError(f"storage {redact(url)!r} needs a database driver that is not installed ({e}); "
                         f"install it (e.g. psycopg2-binary, pymysql) or use {DEFAULT_STORAGE}") from None
     except Exception as e:  # sqlalchemy ArgumentError / OperationalError / NoSuchModuleError
-        reason = str(e).splitlines()[0]
+        reason = scrub(str(e).splitlines()[0], url)
         raise UserError(f"storage {redact(url)!r} cannot be opened ({type(e).__name__}: {reason}); valid forms: "
                         f"{choices(STORAGE_FORMS)}") from None
 

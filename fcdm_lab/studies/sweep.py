@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from ..config import ExperimentConfig, check_name, load_experiment
 from ..errors import UserError, choices
+from ..urls import without_password
 from .engine import PARENT_ATTR, URI_ATTR, Launcher, check_parent_reachable, claim_waiting, run_workers, work
 from .storage import check_storage_url, open_storage, pasteable, redact, sqlite_init_lock
 from .spec import model_info_for, normalize_overrides
@@ -349,7 +350,7 @@ def _create_or_join(spec: SweepSpec, storage, study_name: str, *, uri: str, fing
         if parent is None:  # a study made by other means, or whose creator died before writing the id
             parent = new_parent()
             study.set_user_attr(PARENT_ATTR, parent)
-            study.set_user_attr(URI_ATTR, uri)
+            study.set_user_attr(URI_ATTR, without_password(uri))
         check_parent_reachable(client, study, parent, uri, "sweep")
         return study, parent, False
 
@@ -375,7 +376,7 @@ def _create_or_join(spec: SweepSpec, storage, study_name: str, *, uri: str, fing
         client.delete_run(parent)
         return joined(optuna.load_study(study_name=study_name, storage=storage))
     study.set_user_attr(PARENT_ATTR, parent)
-    study.set_user_attr(URI_ATTR, uri)
+    study.set_user_attr(URI_ATTR, without_password(uri))
     study.set_user_attr(SPEC_ATTR, fingerprint)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
