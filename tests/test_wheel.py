@@ -23,8 +23,8 @@ def _run(*cmd, cwd, env=None):
 
 def test_wheel_ships_bundled_files_and_runs_outside_the_repo(tmp_path):
     """Build a wheel (from a copy, so the checkout gets no build/ folder), install it with --no-deps in a
-    fresh venv that borrows the dependencies from the system site, then from a folder outside the
-    repo: `fcdm-lab ablate` lists the bundled studies and `fcdm-lab profile FCDM-L --study
+    fresh venv that borrows the dependencies from the interpreter running the tests, then from a folder
+    outside the repo: `fcdm-lab ablate` lists the bundled studies and `fcdm-lab profile FCDM-L --study
     paper-ablation` builds all seven variants (~30-45 s on 2 cores)."""
     src = tmp_path / "src"
     shutil.copytree(REPO, src, ignore=IGNORE)
@@ -36,8 +36,15 @@ def test_wheel_ships_bundled_files_and_runs_outside_the_repo(tmp_path):
     assert shipped == {p.name for p in [*REPO.glob("experiments/*.toml"), *REPO.glob("studies/*.toml")]}
 
     venv = tmp_path / "venv"
-    _run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv, cwd=tmp_path)
+    _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
     py = venv / "bin" / "python"
+    # The dependencies come from the site-packages of the interpreter running the tests, as plain path
+    # entries (a .pth file). Not `--system-site-packages`: inside a venv that borrows from the BASE
+    # interpreter, which has none of them. Plain entries: their own .pth files (our editable install's
+    # finder among them) are not run, so the wheel's copy is the only fcdm_lab there.
+    ours = {p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))}
+    venv_site = Path(_run(py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path).strip())
+    (venv_site / "_borrowed_deps.pth").write_text("\n".join(sorted(p for p in ours if Path(p).is_dir())) + "\n")
     _run(sys.executable, "-m", "pip", "--python", py, "install", "-q", "--no-deps", "--no-index", wheel, cwd=tmp_path)
 
     work = tmp_path / "elsewhere"
