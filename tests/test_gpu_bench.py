@@ -1,5 +1,6 @@
-"""benchmarks/gpu.py runs on the CPU (tiny model) with only the GPU machines' packages importable,
-and the trainer's batched latent reads equal the per-item ones."""
+"""benchmarks/gpu.py runs every section on the CPU (tiny models) with only the GPU machines' packages
+importable, skips gracefully past its time budget, its reference-layout FCDM computes fcdm-lab's
+function, and the trainer's batched latent reads equal the per-item ones."""
 import json
 import os
 import subprocess
@@ -34,15 +35,23 @@ sys.meta_path.insert(0, _Block())
 '''
 
 
-def test_gpu_benchmark_quick_on_cpu_without_tracking_packages(tmp_path):
-    (tmp_path / "site").mkdir()
+def run_bench(tmp_path, *extra):
+    (tmp_path / "site").mkdir(exist_ok=True)
     (tmp_path / "site" / "sitecustomize.py").write_text(BLOCKER)
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), OMP_NUM_THREADS="1")
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--quick",
-                           "--json", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                           "--json", str(out), *extra], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    res = json.loads(out.read_text())
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_gpu_benchmark_quick_on_cpu_without_tracking_packages(tmp_path):
+    res, stdout = run_bench(tmp_path)  # --quick: every section, tiny models
+    assert res["sections"] == ["paper-protocol", "profile", "train-xl", "eager", "512", "trainer", "loop", "compile"]
+    assert stdout.startswith("sections: paper-protocol, profile, train-xl")
+    assert not [s for s in res["skipped"] if "failed" in s], res["skipped"]
     row = res["rows"][0]
     assert "error" not in row and row["train_img_s"] > 0 and row["infer_img_s"] > 0 and 0 < row["mfu"] < 1
     assert row["gmacs"] > 0 and res["matmul_tflops"] > 0
@@ -50,7 +59,117 @@ def test_gpu_benchmark_quick_on_cpu_without_tracking_packages(tmp_path):
     assert trainer["steps"] == 6 and trainer["trainer_img_s"] > 0
     assert {r["change"] for r in res["loop"]} == {"baseline", "sync_each_step", "tf32_off", "grad_checkpointing"}
     assert all("error" not in r for r in res["loop"])
-    assert "trainer: FCDM-tiny" in proc.stdout and "% of the bare loop" in proc.stdout
+    assert "trainer: FCDM-tiny" in stdout and "% of the bare loop" in stdout
+
+    # 1. the paper protocol: 3 settings x 4 models, both timings, a ratio per setting, flags restored
+    pp = res["paper_protocol"]
+    assert pp["protocol"]["warmup"] == 2 and pp["paper_ratio_fcdm_over_dit"] == 3.39
+    assert set(pp["models"]) == {"dit", "dico", "fcdm_ref", "fcdm_lab"}
+    assert pp["models"]["fcdm_ref"]["layout"].startswith("reference FCDM: NCHW")
+    rows = {(r["setting"], r["role"]): r for r in pp["rows"]}
+    assert len(rows) == 12 and not [r for r in pp["rows"] if "error" in r]
+    for r in pp["rows"]:
+        assert r["dico_img_s"] > 0 and r["synced_img_s"] > 0 and r["tail_s"] >= 0 and r["synced_tflops"] > 0
+    assert rows[("fp32-defaults", "dit")]["flags"] == {"matmul_allow_tf32": False, "cudnn_allow_tf32": True,
+                                                       "cudnn_benchmark": False}
+    assert rows[("tf32-matmul", "dit")]["flags"]["matmul_allow_tf32"] is True
+    assert rows[("bf16-autocast", "dit")]["autocast"] == "bfloat16"
+    assert rows[("fp32-defaults", "dit")]["autocast"] is None
+    assert pp["flags_restored"] and pp["flags_after"] == res["default_flags"] | {"matmul_allow_tf32": True}
+    ratios = {(q["setting"], q["timing"]): q for q in pp["ratios"]}
+    assert set(ratios) == {(s, t) for s in ("fp32-defaults", "tf32-matmul", "bf16-autocast") for t in ("synced", "dico")}
+    for q in ratios.values():
+        assert q["fcdm_ref_over_dit"] > 0 and q["fcdm_lab_over_dit"] > 0 and q["dico_over_dit"] > 0 and q["paper"] == 3.39
+    assert any("scaled_dot_product" in k for k in pp["attention"]["kernels"]["fp32-defaults/dit"])
+    assert "Paper protocol" in stdout and "FCDMref/DiT" in stdout
+
+    # 2. the per-op profile: groups per block component, fractions of the step summing to <= 100%
+    prof = {p["model"]: p for p in res["profile"]}
+    assert set(prof) == {"FCDM-tiny", "DiT-tiny"}
+    for p in prof.values():
+        assert "error" not in p, p
+        g = p["groups"]
+        assert {"depthwise_conv_fwd", "depthwise_conv_bwd", "layernorm_modulation", "grn", "gemm", "attention",
+                "optimizer", "other"} <= set(g)
+        total = sum(v["fraction_of_step"] for v in g.values())
+        assert 0.5 < total <= 1.0 + 1e-9, total
+        assert abs(sum(v["fraction_of_device_time"] for v in g.values()) - 1) < 1e-6
+        assert abs(sum(p["attribution"].values()) - 1) < 1e-6 and p["top_kernels"]
+        assert g["gemm"]["ms_per_step"] > 0 and g["optimizer"]["ms_per_step"] > 0
+        assert g["layernorm_modulation"]["fwd_ms"] > 0 and g["layernorm_modulation"]["bwd_ms"] > 0
+    f, d = prof["FCDM-tiny"]["groups"], prof["DiT-tiny"]["groups"]
+    assert f["depthwise_conv_fwd"]["ms_per_step"] > 0 and f["depthwise_conv_bwd"]["ms_per_step"] > 0
+    assert f["grn"]["fwd_ms"] > 0 and f["grn"]["bwd_ms"] > 0 and f["attention"]["ms_per_step"] == 0
+    assert d["attention"]["ms_per_step"] > 0 and d["depthwise_conv_fwd"]["ms_per_step"] == 0
+    assert "profile FCDM-tiny batch 8" in stdout
+
+    # 3. the XL trio (tiny here), eager and compiled alike, adaptive repeats with their spread
+    xl = [r for r in res["rows"] if r.get("section") == "train-xl"]
+    assert {(r["model"], r["compile"]) for r in xl} == {(m, c) for m in ("FCDM-tiny", "DiT-tiny", "DiCo-tiny")
+                                                        for c in (False, True)}
+    for r in xl:
+        assert "error" not in r and 2 <= len(r["train_img_s_all"]) <= 3 and r["train_rel_se"] is not None
+    assert all(r["compile_kwargs"] == {"dynamic": "False", "backend": "eager"} for r in xl if r["compile"])
+    for mode in ("eager", "compiled"):
+        assert res["train_xl"][mode]["fcdm_over_dit"] > 0 and res["train_xl"][mode]["dico_over_dit"] > 0
+    assert res["train_xl"]["compile_gain"]["dico"] > 0
+
+
+def test_gpu_benchmark_budget_skips_and_still_writes_json(tmp_path):
+    res, stdout = run_bench(tmp_path, "--sections", "paper-protocol,profile,train-xl", "--budget-s", "0")
+    assert res["sections"] == ["paper-protocol", "profile", "train-xl"]
+    assert res["paper_protocol"]["rows"] == [] and res["profile"] == [] and res["rows"] == []
+    assert any("time budget" in s for s in res["skipped"]) and "total_s" in res
+    assert "skipped: profile FCDM-tiny (time budget)" in stdout
+
+
+def test_reference_layout_fcdm_computes_fcdm_labs_function():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from reference_models import RefFCDM
+
+    from fcdm_lab.models import create_model
+
+    torch.manual_seed(0)
+    lab = create_model("FCDM", L=1, C=16, input_size=8, in_channels=4, num_classes=10).eval()
+    with torch.no_grad():
+        for p in lab.parameters():  # every weight non-zero, so the comparison is not 0 == 0
+            p.copy_(torch.randn_like(p) * 0.1)
+    for ckpt in ("off", "always"):
+        ref = RefFCDM(L=1, C=16, in_channels=4, num_classes=10, checkpointing=ckpt).eval()
+        ref.load_state_dict(lab.state_dict())  # same names and shapes (facts section 10)
+        x = torch.randn(2, 4, 8, 8)
+        for t, y in ((torch.tensor([3, 900]), torch.tensor([1, 7])), (torch.ones(1).int(), torch.ones(1).int())):
+            with torch.no_grad():
+                a, b = lab(x, t, y), ref(x, t, y)
+            assert b.shape == (2, 8, 8, 8) and torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert all(p.is_contiguous() for p in ref.parameters())  # NCHW weights, as the reference (lab's: channels_last)
+
+
+def test_profile_name_fallback_and_adaptive_repeats():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu
+
+    assert gpu.name_group("GeluBackward0", True) == "elementwise"
+    assert gpu.name_group("aten::addcmul", True) == "elementwise"
+    assert gpu.name_group("aten::addcmul", False) == "other"  # outside a block: loss arithmetic
+    assert gpu.name_group("aten::addmm", False) == "gemm" and gpu.name_group("MmBackward0", True) == "gemm"
+    assert gpu.name_group("ScaledDotProductEfficientAttentionBackward0", True) == "attention"
+    assert gpu.name_group("_GRNFunctionBackward", True) == "grn"
+    assert gpu.name_group("NativeLayerNormBackward0", True) == "layernorm_modulation"
+    steady = iter([100.0] * 10)
+    xs, s = gpu.adaptive(lambda: next(steady), min_n=3, max_n=10, target=0.02, cap_s=60)
+    assert len(xs) == 3 and s["rel_se_median"] == 0  # certain after the minimum
+    noisy = iter([100.0, 130.0, 80.0, 120.0, 90.0, 125.0, 85.0, 110.0, 95.0, 105.0])
+    xs, s = gpu.adaptive(lambda: next(noisy), min_n=3, max_n=6, target=0.02, cap_s=60)
+    assert len(xs) == 6 and s["rel_se_median"] > 0.02 and abs(s["half_range"] - 25 / 110) < 1e-12  # capped
+    before = gpu.flags()
+    try:
+        with gpu.precision(True, False, cudnn_benchmark=True):
+            assert gpu.flags() == {"matmul_allow_tf32": True, "cudnn_allow_tf32": False, "cudnn_benchmark": True}
+            raise RuntimeError("inside")
+    except RuntimeError:
+        pass
+    assert gpu.flags() == before  # restored, even on an error
 
 
 def test_latent_store_batched_reads_equal_item_reads(tmp_path):
