@@ -294,6 +294,7 @@ def test_too_few_points_and_missing_values():
     two = S.fit_power_law(X[[0, -1]], Y[[0, -1]], n_boot=100)
     assert two.E_fixed and two.E == 0 and "E fixed at 0" in two.note and two.E_low is None
     assert two.alpha_low <= two.alpha <= two.alpha_high and "A·" in two.formula
+    assert "(fixed)" in S.fit_table([two])[1][0][4] and "passes through" in two.note
     # a point with no finite seed is left out; a missing run (NaN) is skipped in its mean
     Y2 = Y.copy()
     Y2[2] = np.nan

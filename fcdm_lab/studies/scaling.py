@@ -60,11 +60,20 @@ resampled indices, which the held-out checks and the IsoFLOP chain need to reuse
 
 The interval is the *expanded percentile* interval (Hesterberg 2015, "What teachers should know about
 the bootstrap"): the bootstrap spread of a mean over n units is sqrt((n-1)/n) too narrow and uses
-normal instead of Student-t quantiles, so a 95% percentile interval over 8 seeds covers only ~89%.
-The expanded interval takes the percentiles at Φ(±z') with z' = sqrt(n/(n-1)) * t_{0.975, n-1}
-(n = 8: the 0.57% and 99.43% percentiles; n = 3: the bootstrap's extremes). With 1 seed there is
-no interval (None). With 2-3 seeds there are only 3-10 distinct resamples: the interval is coarse
-and can still be too narrow; more seeds are the cure.
+normal instead of Student-t quantiles. The expanded interval takes the percentiles at Φ(±z') with
+z' = sqrt(n/(n-1)) * t_{0.975, n-1} (n = 8: the 0.57% and 99.43% percentiles; n = 3: the
+bootstrap's extremes). Measured on synthetic studies (6 points over 2 decades, paired seed noise):
+alpha's 95% interval covered the true alpha in 94% of 250 draws with 8 seeds and 1000 refits (the
+plain 2.5/97.5% percentiles: 90%), 93% with 200 refits (plain: 88%); with 4 seeds 85% (plain: 80%).
+With 1 seed there is no interval (None). With 2-3 seeds there are only 3-10 distinct resamples: the
+interval is coarse and still too narrow; more seeds are the cure.
+
+Held-out checks (`check_predictions`): the interval a held-out point's measured seed mean should
+fall in is the prediction plus the bootstrap spread of (measured mean - prediction), both taken
+on the same resampled seeds. It holds the fit's uncertainty, the held-out point's own seed noise
+and their correlation (a seed that is lucky everywhere moves the fit and the held-out point
+together, so it partly cancels). Measured: 92% of 300 synthetic draws covered (8 seeds, 500
+refits, the point at 3x the largest fitted compute).
 """
 from __future__ import annotations
 
@@ -333,7 +342,7 @@ def _fit_scaled(u: np.ndarray, y: np.ndarray, fix_e: Optional[float],
     return best
 
 
-@dataclass
+@dataclass(eq=False)          # holds numpy arrays: compare fields, not objects
 class PowerLawFit:
     """metric = E + A * x^-alpha fitted across points, with bootstrap-over-seeds 95% intervals.
 
@@ -458,6 +467,8 @@ def _fit_law_replicates(x: np.ndarray, y: np.ndarray, Yb: Optional[np.ndarray], 
     if theta is None:
         raise UserError(f"law of {metric} against {x_name}: the fit did not converge")
     rmse = float(np.sqrt(np.mean((_law_curve(theta, u) * y_scale - y) ** 2)))
+    if x.size == (2 if fix_e is not None else 3):
+        notes.append(f"{x.size} points for {x.size} parameters: the law passes through them (its shape is not tested)")
 
     def unscale(t: np.ndarray) -> Tuple[float, float, float]:
         return t[0] * y_scale, np.exp(t[1] + t[2] * np.log(x_ref)) * y_scale, t[2]
@@ -472,6 +483,8 @@ def _fit_law_replicates(x: np.ndarray, y: np.ndarray, Yb: Optional[np.ndarray], 
     elif Yb is None:
         notes.append("no bootstrap replicates: no interval")
     else:
+        # The bootstrap over seeds (hand-written, see the module docstring): each row of Yb holds the
+        # points' means over one replicate's resampled seeds; refit from the estimate, NaN = failed.
         boot = np.full((Yb.shape[0], 3), np.nan)
         for b, yb in enumerate(Yb):
             have = np.isfinite(yb)
@@ -626,7 +639,7 @@ class IsoFLOPProfile:
                 "outside": self.outside, "n_refits": self.n_refits, "note": self.note}
 
 
-@dataclass
+@dataclass(eq=False)
 class IsoFLOPResult:
     """IsoFLOP analysis of one metric: a profile per budget, N_opt = k C^a across the usable budgets
     (a's interval with >= 3 budgets), and the frontier law (metric at N_opt against compute)."""
