@@ -257,10 +257,9 @@ def test_inception_offline_error_is_fast_and_says_how(tmp_path, monkeypatch, dig
 
 
 def test_inception_path_names_channels_and_weights_cache(tmp_path, monkeypatch, digits_u8):
-    monkeypatch.setitem(FEATURE_EXTRACTORS_REGISTRY, fidelity.INCEPTION_EXTRACTOR, StandInInception)
-    StandInInception.weights_paths.clear()
-    weights = tmp_path / fidelity.INCEPTION_WEIGHTS_FILE
-    weights.write_bytes(b"weights v1")
+    monkeypatch.setattr(fidelity, "INCEPTION_NETWORK", StandInInception)
+    StandInInception.state_dicts.clear()
+    weights = StandInInception.save_weights(tmp_path / "standin-inception.pth")
     x_test, x_train, _ = digits_u8
     cache = tmp_path / "cache"
     kw = dict(extractor="inception", inception_weights=weights, cache_dir=cache)
@@ -268,10 +267,11 @@ def test_inception_path_names_channels_and_weights_cache(tmp_path, monkeypatch, 
     assert set(out) == {"fid_inception_250", "kid_inception_250", "kid_inception_250_std", "is_inception_250",
                         "is_inception_250_std", "precision_inception_250", "recall_inception_250"}
     assert all(np.isfinite(v) for v in out.values())
-    assert StandInInception.weights_paths == [str(weights)]  # grayscale reached it as 3 channels
+    # one network, given the file's (verified) tensors; grayscale reached it as 3 channels
+    assert len(StandInInception.state_dicts) == 1 and set(StandInInception.state_dicts[0]) == {"proj", "cls"}
     # Other weights, same reference: a new cache entry rather than statistics from the old network.
     n_entries = len(list(cache.iterdir()))
-    weights.write_bytes(b"weights v2")
+    StandInInception.save_weights(weights, scale=2.0)
     compute_metrics(x_test[:250], x_train[:300], metrics=("fid",), **kw)
     assert len(list(cache.iterdir())) > n_entries
 

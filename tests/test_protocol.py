@@ -135,16 +135,12 @@ def test_flow_model_trained_with_time_scale_1_samples_with_every_sampler(tmp_pat
 
 @pytest.fixture
 def standin_inception(tmp_path, monkeypatch):
-    """torch-fidelity's Inception replaced by a cheap stand-in (same contract); returns a weights file."""
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
+    """torch-fidelity's Inception replaced by a cheap stand-in (same contract); returns its weights file."""
     from _fidelity_standin import StandInInception
     from fcdm_lab.eval import fidelity
 
-    monkeypatch.setitem(FEATURE_EXTRACTORS_REGISTRY, fidelity.INCEPTION_EXTRACTOR, StandInInception)
-    weights = tmp_path / fidelity.INCEPTION_WEIGHTS_FILE
-    weights.write_bytes(b"stand-in weights")
-    return weights
+    monkeypatch.setattr(fidelity, "INCEPTION_NETWORK", StandInInception)
+    return StandInInception.save_weights(tmp_path / "standin-inception.pth")
 
 
 def _standin_features(images: torch.Tensor):
