@@ -1,15 +1,19 @@
 """GPU speed of FCDM, DiT and DiCo, the paper's speed column re-measured and explained, in ONE command.
 
-On the GPU machine (one H100/H200; torch, accelerate, diffusers; no network needed), from the repo root:
+THE COMMAND for the GPU machine (one H100/H200; torch, accelerate, diffusers; no network needed), from
+the repository root; give the device call a timeout of at least 500 s:
 
     python benchmarks/gpu.py --json "$OUT/gpu-results.json" 2>&1 | tee "$OUT/gpu-log.txt"
 
-It prints the sections it will run with their estimated time, stops starting new work after
---budget-s (default 380 s; the run as a whole about 6-7 minutes), writes the JSON after every item
-(by rename, so a killed run leaves the last complete file), and prints the tables at the end.
-Give the device call a timeout of at least 500 s. On the CPU (what tests/test_gpu_bench.py runs):
+It prints first which sections will run with a time estimate each, stops STARTING new work once
+--budget-s (default 380 s) has passed (what is skipped is listed in the JSON and at the end), writes
+the JSON after every measurement (by rename, so a killed run leaves the last complete file), and
+prints the tables at the end. Expected: about 6-7 minutes in all on one H100/H200 (a fresh machine,
+no compile cache). `--sections all` runs everything (20+ minutes; raise --budget-s). On the CPU:
 
-    python benchmarks/gpu.py --device cpu --quick     # tiny models, every section, under a minute
+    python benchmarks/gpu.py --device cpu --quick     # tiny models, every section, ~25 s on one thread
+
+(what tests/test_gpu_bench.py runs, with mlflow, optuna and torch-fidelity made unimportable).
 
 Sections (--sections, comma-separated; default paper-protocol,profile,train-xl; "all" = every one;
 --quick defaults to all):
@@ -29,39 +33,48 @@ Sections (--sections, comma-separated; default paper-protocol,profile,train-xl; 
                   (fcdm_lab.models.dico, NCHW nn.Conv2d like its reference), FCDM-XL in the REFERENCE
                   layout (benchmarks/reference_models.py: NCHW, nn.Conv2d 1x1, checkpointing off for
                   inference) and fcdm-lab's own FCDM-XL (channels_last, 1x1 convs as F.linear).
+                  --paper-dit-math adds DiT-XL/2 under the math (unfused) SDPA backend.
                   Settings, each restoring the global flags afterwards:
                     fp32-defaults  PyTorch's defaults, the paper's: matmul TF32 OFF, cuDNN TF32 ON,
                                    cudnn.benchmark off, no autocast;
                     tf32-matmul    torch.backends.cuda.matmul.allow_tf32 = True as well;
                     bf16-autocast  the defaults plus torch.autocast(bfloat16).
                   Reports images/s, achieved TFLOP/s (2 x MACs), and per setting the FCDM-XL / DiT-XL/2
-                  ratio (reference and fcdm-lab layouts) next to the paper's 3.4x (272.7 vs 80.5 it/s).
+                  ratio (reference and fcdm-lab layouts) and DiCo-XL / DiT-XL/2, next to the paper's 3.4x
+                  (272.7 vs 80.5 it/s) and what facts section 15 expects; the fp32/TF32/bf16 matmul
+                  peaks are measured at the start for comparison.
   profile         torch.profiler of one training step (iDDPM loss, backward, fused AdamW, bf16
-                  autocast) of FCDM-XL and DiT-XL/2 at batch 256 (128, 64 if it does not fit):
-                  device time (CPU time on the CPU) per block component: depthwise conv forward and
-                  backward, LayerNorm + modulation, GRN, GEMMs (linear / 1x1 conv / matmul), attention,
-                  dense k x k convs, elementwise (GELU, gates, residuals), optimizer, other; as
-                  fractions of an unprofiled step, and the top kernels. How kernels are attributed: the
-                  model's modules are labelled with torch.profiler.record_function through forward
-                  hooks (and the modulation functions through wrappers, in this process only), so a
+                  autocast) of FCDM-XL and DiT-XL/2 (--profile-models) at batch 256 (128, 64 if it does
+                  not fit): device time (CPU time on the CPU) per block component: depthwise conv forward
+                  and backward, LayerNorm + modulation, GRN, GEMMs (linear / 1x1 conv / matmul),
+                  attention (SDPA + its reshapes; q/k/v and output projections are GEMMs), dense k x k
+                  convs, elementwise (GELU, gates, residuals), optimizer, other; as fractions of an
+                  unprofiled step (they sum to the busy fraction, <= 100%), and the top kernels.
+                  Attribution: the model's modules are labelled with torch.profiler.record_function by
+                  forward hooks (the modulation functions by wrappers, in this process only), so a
                   forward kernel belongs to the innermost label around the op that launched it; a
                   backward kernel is traced to its forward op through the autograd sequence number and
-                  takes that op's label; what has no label falls back to op-name patterns. The JSON
-                  says how much device time each route attributed (`attribution`).
-  train-xl        Training (and eager inference) throughput of FCDM-XL, DiT-XL/2, DiCo-XL at batch 32,
+                  takes that op's label; the rest falls back to op-name patterns. Reliable where a
+                  label or a sequence number exists (exact); the name fallback is a guess (e.g. a bare
+                  mul in a block counts as elementwise). `attribution` in the JSON says how much device
+                  time each route attributed; `kernel_time_check` compares the kernels linked to host
+                  ops with all kernels the profiler saw.
+  train-xl        Training (and eager inference) images/s of FCDM-XL, DiT-XL/2, DiCo-XL at batch 32,
                   eager, then all three compiled the same way (regional compilation of the repeated
-                  blocks, static shapes: dynamic=False, so no model gets dynamic-shape kernels), with
-                  adaptive repeats: at least --repeats, more until the relative standard error of the
-                  median is below --target-spread or --max-repeats; the spread is reported.
+                  blocks, static shapes: dynamic=False, so no model gets dynamic-shape kernels; training
+                  only, to save compile time), with adaptive repeats: at least --repeats, more until the
+                  relative standard error of the median is below --target-spread (2%) or
+                  --max-repeats (10); the spread is reported. Ratios to DiT-XL/2 and compile gains.
   eager           every model at 256 (12 presets), XL models also at the largest of 256/128/64 that fits
   512             FCDM-XL and DiT-XL/2 at 512x512 (the "doubling the resolution" claim)
   trainer         fcdm-lab's own train() on a synthetic latent store against the bare loop
   loop            the training loop's choices one at a time (host sync, TF32 off, checkpointing)
   compile         the eager models compiled (XL first), while the budget lasts
 
-Timing elsewhere: warm-up steps, then CUDA events around --iters steps, repeated; tables show
-medians. Only torch, accelerate and fcdm_lab's model/trainer code are imported (plus diffusers for
-the models' base class): no mlflow, optuna or torch-fidelity.
+Training timing: a first step (compilation, cuDNN heuristics), warm-up steps, then CUDA events
+around --iters steps per repeat; tables show medians. Training sections run with TF32 on, as
+fcdm-lab trains. Only torch, accelerate and fcdm_lab's model/trainer code are imported (plus
+diffusers for the models' base class): no mlflow, optuna or torch-fidelity.
 """
 from __future__ import annotations
 
@@ -110,6 +123,8 @@ PAPER_ROLES = {"dit": "DiT-XL/2", "dico": "DiCo-XL", "fcdm_ref": "FCDM-XL-ref", 
 QUICK_ROLES = {"dit": "DiT-tiny", "dico": "DiCo-tiny", "fcdm_ref": "FCDM-tiny-ref", "fcdm_lab": "FCDM-tiny"}
 DICO_PROTOCOL = {"batch": 64, "latent": 32, "warmup": 20, "iters": 20}
 QUICK_PROTOCOL = {"batch": 8, "latent": 8, "warmup": 2, "iters": 2}
+# What facts section 15 expects of FCDM-XL / DiT-XL/2 (reference layout) under each setting
+EXPECTED_RATIO = {"fp32-defaults": "~3x", "tf32-matmul": "1.2-1.7x", "bf16-autocast": "1.1-1.25x"}
 # name, matmul TF32, cuDNN TF32, autocast dtype
 PAPER_SETTINGS = [("fp32-defaults", False, True, None), ("tf32-matmul", True, True, None),
                   ("bf16-autocast", False, True, torch.bfloat16)]
@@ -492,7 +507,7 @@ def attention_kernels(model, x, t, y, device: torch.device, autocast) -> list[st
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     amp = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with torch.no_grad(), amp, profile(activities=acts) as prof:
-        model(x[:2], t, y)
+        model(x, t, y)
         sync(device)
     keys = ("attention", "attn", "fmha", "flash", "sdpa", "softmax", "scaled_dot_product")
     names = set()
@@ -513,7 +528,8 @@ def paper_protocol(device: torch.device, args, results: dict, over, save) -> Non
         "protocol": {**proto, "source": "DiCo dico_models.py test_model_throughout (facts section 15)",
                      "input": f"torch.rand({proto['batch']}, 4, {proto['latent']}, {proto['latent']}) float32",
                      "timesteps_labels": "torch.ones(1).int() each (broadcast over the batch, as DiCo)",
-                     "mode": "model.eval(), torch.no_grad(); fcdm-lab's reference FCDM without checkpoint wrappers",
+                     "mode": "model.eval(), torch.no_grad(); the reference-layout FCDM (benchmarks/reference_models.py) "
+                             "without the checkpoint wrappers the reference puts around its blocks even in inference",
                      "dico_timing": "time.time() around the timed loop, no cuda.synchronize (as DiCo)",
                      "synced_timing": "synchronize, perf_counter, the same number of forwards, synchronize"},
         "paper_it_s": PAPER_IT_S, "paper_ratio_fcdm_over_dit": round(PAPER_RATIO, 2),
@@ -591,7 +607,8 @@ def paper_ratios(rows: list[dict], setting: str) -> list[dict]:
     out = []
     dit = got.get("dit")
     for timing in ("synced", "dico"):
-        entry = {"setting": setting, "timing": timing, "paper": round(PAPER_RATIO, 2)}
+        entry = {"setting": setting, "timing": timing, "paper": round(PAPER_RATIO, 2),
+                 "expected_fcdm_ref_over_dit": EXPECTED_RATIO.get(setting)}
         for role, key in (("fcdm_ref", "fcdm_ref_over_dit"), ("fcdm_lab", "fcdm_lab_over_dit"),
                           ("dico", "dico_over_dit")):
             entry[key] = (got[role][f"{timing}_img_s"] / dit[f"{timing}_img_s"]
@@ -981,6 +998,10 @@ def print_paper(pp: dict) -> None:
     for row in pp["rows"]:
         if "error" in row:
             print(f"  error {row['setting']} {row['model']}: {row['error']}")
+    print("expected FCDM-XL ref / DiT-XL/2 (facts section 15): "
+          + ", ".join(f"{k} {v}" for k, v in EXPECTED_RATIO.items()))
+    print("DiCo's clock stops when the host has queued the last forward, not when the GPU has run it: with the "
+          "GPU behind, the window covers leftover warm-up work at the start and misses the queued tail at the end")
     fp = [r for r in pp["rows"] if r["setting"] == "fp32-defaults" and "error" not in r]
     if fp:
         print("achieved TFLOP/s at fp32 defaults: " + ", ".join(f"{titles[r['role']]} {r['synced_tflops']:.1f}"

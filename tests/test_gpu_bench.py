@@ -143,6 +143,10 @@ def test_reference_layout_fcdm_computes_fcdm_labs_function():
                 a, b = lab(x, t, y), ref(x, t, y)
             assert b.shape == (2, 8, 8, 8) and torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
     assert all(p.is_contiguous() for p in ref.parameters())  # NCHW weights, as the reference (lab's: channels_last)
+    import gpu
+
+    _, info = gpu.make_model({"name": "FCDM-XL-ref"}, 32, torch.device("meta"))
+    assert info["params"] == 698_754_056 and round(info["gmacs"], 3) == 64.530  # facts section 4
 
 
 def test_profile_name_fallback_and_adaptive_repeats():
@@ -188,3 +192,48 @@ def test_latent_store_batched_reads_equal_item_reads(tmp_path):
     loader = torch.utils.data.DataLoader(store, batch_size=8, shuffle=False)
     x, y = next(iter(loader))  # DataLoader uses __getitems__ and collates as before
     assert x.shape == (8, 4, 2, 2) and torch.equal(x[3], store[3][0]) and y.tolist() == lab[:8].tolist()
+
+
+def test_profile_summary_on_gpu_shaped_events():
+    """The CUDA path of the profile summary, on hand-made events shaped like torch.profiler's: kernels
+    hang on the host op that launched them; the GPU mirror of a record_function label (also attached
+    as a "kernel") is not counted twice; backward kernels reach their forward label through the
+    autograd sequence number; a kernel linked to no host op counts as other."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu
+
+    class Range:
+        def __init__(self, start, us):
+            self.start, self.us = start, us
+
+        def elapsed_us(self):
+            return self.us
+
+    def ev(name, parent=None, *, seq=-1, thread=1, fwd_thread=0, kernels=(), start=0, ann=False, dev=DeviceType.CPU, us=0):
+        return NS(name=name, cpu_parent=parent, sequence_nr=seq, thread=thread, fwd_thread=fwd_thread,
+                  kernels=[NS(name=k, duration=d) for k, d in kernels], time_range=Range(start, us),
+                  is_user_annotation=ann, device_type=dev, is_async=False, self_cpu_time_total=0)
+
+    dw = ev("fcdm_bench::dwconv", ann=True, kernels=[("fcdm_bench::dwconv", 400)])
+    conv = ev("aten::convolution", dw, seq=5, start=1, kernels=[("conv_depthwise2d_forward_kernel", 100)])
+    node = ev("autograd::engine::evaluate_function: ConvolutionBackward0", seq=5, thread=2, fwd_thread=1)
+    bwd = ev("aten::convolution_backward", node, thread=2, kernels=[("conv_depthwise2d_backward_kernel", 150)])
+    opt = ev("Optimizer.step#AdamW.step", ann=True)
+    adam = ev("aten::_fused_adamw_", opt, kernels=[("multi_tensor_apply_kernel", 50)])
+    gpu_side = [ev(k, dev=DeviceType.CUDA, us=u) for k, u in
+                (("conv_depthwise2d_forward_kernel", 100), ("conv_depthwise2d_backward_kernel", 150),
+                 ("multi_tensor_apply_kernel", 50), ("orphan_kernel", 20))]
+    gpu_side.append(ev("fcdm_bench::dwconv", dev=DeviceType.CUDA, us=400, ann=True))
+    s = gpu.summarise_profile([dw, conv, node, bwd, opt, adam, *gpu_side], steps=1, step_s=0.001, cuda=True)
+    g = {k: v["ms_per_step"] * 1e3 for k, v in s["groups"].items()}  # microseconds
+    assert g["depthwise_conv_fwd"] == 100 and g["depthwise_conv_bwd"] == 150 and g["optimizer"] == 50
+    assert g["other"] == 20 and sum(g.values()) == 320
+    assert s["kernel_time_check"] == {"linked_us": 300, "all_device_us": 320}
+    assert abs(s["busy_fraction"] - 0.32) < 1e-9 and abs(s["groups"]["other"]["fraction_of_step"] - 0.02) < 1e-9
+    assert set(s["attribution"]) == {"label", "backward -> forward op -> label", "unlinked kernel"}
+    assert s["top_kernels"][0] == {"name": "conv_depthwise2d_backward_kernel", "ms_per_step": 0.15,
+                                   "fraction_of_device_time": 150 / 320, "group": "depthwise_conv_bwd"}
