@@ -1004,7 +1004,7 @@ def print_paper(pp: dict) -> None:
           "GPU behind, the window covers leftover warm-up work at the start and misses the queued tail at the end")
     fp = [r for r in pp["rows"] if r["setting"] == "fp32-defaults" and "error" not in r]
     if fp:
-        print("achieved TFLOP/s at fp32 defaults: " + ", ".join(f"{titles[r['role']]} {r['synced_tflops']:.1f}"
+        print("achieved TFLOP/s at fp32 defaults: " + ", ".join(f"{titles[r['role']]} {r['synced_tflops']:.3g}"
                                                               for r in fp)
               + f"  (paper implies DiT-XL/2 {PAPER_IT_S['DiT-XL/2'] * 2 * 118.621 / 1e3:.1f}, "
                 f"FCDM-XL {PAPER_IT_S['FCDM-XL'] * 2 * 64.530 / 1e3:.1f})")
@@ -1024,10 +1024,16 @@ def print_profile(prof: list[dict]) -> None:
               + ", ".join(f"{k} {100 * v:.0f}%" for k, v in p["attribution"].items()))
         for g, v in sorted(p["groups"].items(), key=lambda kv: -kv[1]["ms_per_step"]):
             if v["ms_per_step"] > 0:
-                print(f"  {v['title']:42} {v['ms_per_step']:9.2f} ms {100 * v['fraction_of_step']:5.1f}% "
-                      f"(fwd {v['fwd_ms']:.2f}, bwd {v['bwd_ms']:.2f})")
+                split = f"(fwd {v['fwd_ms']:.2f}, bwd {v['bwd_ms']:.2f})" if v["fwd_ms"] or v["bwd_ms"] else "(step)"
+                print(f"  {v['title']:46} {v['ms_per_step']:9.2f} ms {100 * v['fraction_of_step']:5.1f}% {split}")
         for k in p["top_kernels"][:5]:
             print(f"    top: {100 * k['fraction_of_device_time']:4.1f}% {k['group']:20} {k['name'][:90]}")
+    ok = [p for p in prof if "error" not in p]
+    if len(ok) > 1:  # side by side: % of each model's step
+        print(f"\n{'% of the training step':46} " + " ".join(f"{p['model'] + ' b' + str(p['batch']):>16}" for p in ok))
+        for g in GROUPS:
+            print(f"{GROUP_TITLES[g]:46} " + " ".join(f"{100 * p['groups'][g]['fraction_of_step']:>15.1f}%" for p in ok))
+        print(f"{'step ms':46} " + " ".join(f"{p['step_ms']:>16.1f}" for p in ok))
 
 
 def print_table(results: dict) -> None:
