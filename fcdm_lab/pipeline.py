@@ -1,6 +1,6 @@
 """The one run pipeline: check -> train -> evaluate -> log, for every kind of run.
 
-    checked = preflight(cfg, out_dir, resume=None)             # raises UserError; writes nothing
+    checked = check_run(cfg, out_dir, resume=None)             # raises UserError; writes nothing
     out = run_pipeline(tracker, cfg, out_dir, resume=checked.resume, evaluate=True)
 
 `fcdm-lab train` (`train_tracked`), a study child, `fcdm-lab rerun` and a sweep trial all call
@@ -11,24 +11,25 @@ final EMA weights, and, when evaluating, the metrics of the *in-memory* EMA netw
 (no reload from disk) on the device it trained on, with the evaluation noise seeded by the
 training seed (so variants trained with the same seed are paired in evaluation too).
 
-`train_tracked` is `fcdm-lab train`: preflight, then a run (the folder's own run when resuming, found
+`train_tracked` is `fcdm-lab train`: `check_run` (train/preflight.py), the folder lock, then a run (the folder's own run when resuming, found
 through its pointer file `mlflow_run.json`), then the pipeline.
 
-`preflight` validates everything that can be checked before anything is written (the output
+`check_run` validates everything that can be checked before anything is written (the output
 folder, the checkpoint to resume, the data and the model build on the meta device): a refused run
 leaves no MLflow run, no folder and no pointer file behind (issue 9, items 4 and 5).
 (Not to be confused with diffusers_pipeline.py, the diffusers-style sampling pipeline.)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from .errors import UserError
+from .train.preflight import check_run, run_folder_lock
 from .urls import without_password
 from .tracking import DEFAULT_EXPERIMENT, _client, get_client, is_main_process, resolve_tracking_uri, tracked_run
 
@@ -36,38 +37,9 @@ RUN_FILE = "mlflow_run.json"            # written into a training out dir: which
 
 
 @dataclass
-class Preflight:
-    resume: Optional[str]           # what to hand the trainer: None, "latest" or a checkpoint path
-    model_info: Dict[str, Any]      # meta-device build (params, GMACs, compute matching)
-
-
-@dataclass
 class PipelineResult:
     train: Any                      # TrainResult
     metrics: Dict[str, float] = field(default_factory=dict)   # evaluation metrics ({} when not evaluated)
-
-
-def _writable_folder(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output folder {str(out_dir)!r} is an existing file; choose a folder (--out DIR)")
-    probe = out_dir
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"output folder {str(out_dir)!r} is not writable ({probe} is read-only for this user); "
-                        f"choose another --out")
-
-
-def preflight(cfg, out_dir, *, resume: Optional[str] = None) -> Preflight:
-    """Everything a run can check before it creates anything; UserError on the first problem."""
-    from .studies.spec import model_info_for
-    from .train import checkpoint as ckpt_io
-
-    out_dir = Path(out_dir)
-    _writable_folder(out_dir)
-    ckpt_io.resume_source(out_dir, resume)
-    info = model_info_for(cfg)  # the data and a meta-device model build: bad blocks, shapes, data fail here
-    return Preflight(resume, info)
 
 
 def _finite(x) -> bool:
@@ -80,7 +52,7 @@ def run_pipeline(tracker, cfg, out_dir, *, resume: Optional[str] = None, evaluat
                  eval_metrics=None) -> PipelineResult:
     """Train `cfg` into `out_dir` logging into an open run, then (evaluate=True) evaluate the
     in-memory EMA model. eval_seed defaults to train.seed (paired evaluation noise); eval_metrics
-    defaults to cfg.eval.metrics. Call `preflight` first: this function writes the run pointer."""
+    defaults to cfg.eval.metrics. Call `check_run` first: this function writes the run pointer."""
     from .eval.evaluate import evaluate_model
     from .run_record import log_datasets
     from .tracking import RunPointer, _drop_none, log_run_config, model_params, run_environment, standard_tags
@@ -177,17 +149,20 @@ def train_tracked(cfg, out_dir, *, uri: str | None = None, resume=None, run_name
     checkpoint, store) before creating anything, then open a run (or reopen the folder's run when
     resuming), train, evaluate (evaluate=True) and log. Returns (TrainResult, run_id); run_id is
     None in non-main processes."""
-    checked = preflight(cfg, out_dir, resume=resume)  # a refused run leaves no run, folder or pointer
+    checked = check_run(cfg, out_dir, resume=resume)  # a refused run leaves no run, folder or pointer
     uri = resolve_tracking_uri(uri)
     main = is_main_process()  # under `accelerate launch` only the main process touches the store: two
     if main:                  # processes creating a fresh SQLite store at once would collide
         get_client(uri)  # probe the store before training
-    with tracked_run(run_name or cfg.name, uri=uri, experiment=experiment, tags=tags, parent_run_id=parent_run_id,
-                     run_id=_resumable_run_id(out_dir, uri, checked.resume) if main else None) as tracker:
-        out = run_pipeline(tracker, cfg, out_dir, resume=checked.resume, progress=progress, max_steps=max_steps,
-                           evaluate=evaluate)
+    # The folder's lock before any run is opened or file written: a second training into a folder in
+    # use is refused without touching the first one's run or pointer (train() re-enters the same lock).
+    with run_folder_lock(out_dir) if main else contextlib.nullcontext():
+        with tracked_run(run_name or cfg.name, uri=uri, experiment=experiment, tags=tags,
+                         parent_run_id=parent_run_id,
+                         run_id=_resumable_run_id(out_dir, uri, checked.resume) if main else None) as tracker:
+            out = run_pipeline(tracker, cfg, out_dir, resume=checked.resume, progress=progress,
+                               max_steps=max_steps, evaluate=evaluate)
     return out.train, tracker.run_id
 
 
-__all__ = ["PipelineResult", "Preflight", "RUN_FILE", "RunPointer", "preflight", "run_pipeline", "train_in_run",
-           "train_tracked"]
+__all__ = ["PipelineResult", "RUN_FILE", "RunPointer", "run_pipeline", "train_in_run", "train_tracked"]

@@ -207,7 +207,8 @@ def test_fashion_study_file_has_the_papers_seven_rows():
 
 @needs_data  # resolving the children reads the data's shape
 def test_fashion_study_children_are_compute_matched():
-    from fcdm_lab.studies.spec import load_study, model_info_for, plan_study
+    from fcdm_lab.models.info import model_info_for
+    from fcdm_lab.studies.spec import load_study, plan_study
 
     spec = load_study("paper-ablation-fashion")
     plan = plan_study(spec)

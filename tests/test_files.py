@@ -13,7 +13,8 @@ from fcdm_lab.config import (EXPERIMENTS_DIR, apply_overrides, config_from_dict,
 from fcdm_lab.errors import UserError
 from fcdm_lab.models.build import build_model
 from fcdm_lab.models.matching import TOLERANCE
-from fcdm_lab.studies.spec import (STUDIES_DIR, flatten_overrides, load_study, model_info_for, plan_study,
+from fcdm_lab.models.info import model_info_for
+from fcdm_lab.studies.spec import (STUDIES_DIR, flatten_overrides, load_study, plan_study,
                                    study_kind)
 
 # Shapes of datasets that are not on this machine: (input side, channels, classes).
@@ -22,10 +23,11 @@ KNOWN_SHAPES = {"mnist": (28, 1, 10), "fashion-mnist": (28, 1, 10), "cifar10": (
 
 def data_shape(cfg):
     """The data's shape from the data itself when present, else from what the dataset is."""
-    from fcdm_lab.studies.spec import _data_shape
+    from fcdm_lab.models.info import data_info_for
 
     try:
-        return _data_shape(cfg)
+        info = data_info_for(cfg)
+        return info["image_size"], info["channels"], info["num_classes"]
     except UserError:  # data not on this machine (latent stores, image folders, downloads)
         size = cfg.data.image_size
         if cfg.data.name == "latents":

@@ -21,7 +21,8 @@ from fcdm_lab.config import config_from_dict
 from fcdm_lab.errors import UserError
 from fcdm_lab.train import read_checkpoint, train
 from fcdm_lab.train import checkpoint as ckpt_io
-from fcdm_lab.train.preflight import LOCK_FILE, check_output_dir, run_folder_lock
+from fcdm_lab.fileio import check_output_dir
+from fcdm_lab.train.preflight import LOCK_FILE, run_folder_lock
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -191,7 +192,10 @@ def test_unsafe_names_are_refused_and_nothing_is_written(tmp_path, capsys, name)
     ("train.ema_decay=1.5", "train.ema_decay must be in [0, 1)"),
     ("eval.guidance_channels=0", "eval.guidance_channels must be >= 1"),
     ("diffusion.beta_end=0.00001", "beta_start (0.0001) must be <= diffusion.beta_end"),
-    ("model.C=100000", "parameters: training needs at least"),
+    ("model.C=16384", "parameters: training needs at least"),
+    ("model.C=100000", "C (width) must be at most 16384"),
+    ("train.seed=-5", "train.seed must be an integer from 0 to 4294967295, got -5"),
+    ("train.threads=100000", "train.threads must be an integer from 1 to 1024"),
 ])
 def test_bad_numbers_and_a_model_too_big_are_one_line(tmp_path, capsys, setting, needle):
     one_line_exit_2(*run(capsys, "train", "tiny-digits", "--set", setting, "--out", "run", "--no-track"), needle)

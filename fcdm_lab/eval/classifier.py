@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,9 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from filelock import FileLock
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from fcdm_lab.errors import UserError
+from fcdm_lab.fileio import atomic_write
 
 NATIVE_SIZE = 8  # the digits'
 NUM_CLASSES = 10
@@ -220,16 +220,8 @@ def accuracy(model: ImageClassifier, x: torch.Tensor, y: torch.Tensor, batch_siz
 def _atomic_save(state: dict, path: Path, metadata: dict) -> None:
     """Write to a private temp file in the same folder, then rename: readers and racing writers only
     ever see a complete file (both racers write identical weights; the last rename wins)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache may be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    data = save({k: v.contiguous() for k, v in state.items()}, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _train_tensors_and_path(spec: ClassifierSpec, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, Path]:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError, choices
+from ..fileio import atomic_write
 
 
 @dataclass(frozen=True)
@@ -121,13 +122,17 @@ def sample_for_protocol(model: torch.nn.Module, objective, out_dir, *, protocol:
     state = PartialState()
     if state.is_main_process:
         images, labels = read_shards(out_dir / "shards", batches.num_batches)
-        tmp = npz.with_name(".samples.tmp.npz")
-        np.savez(tmp, **{p.npz_key: images.permute(0, 2, 3, 1).contiguous().numpy()},
-                 labels=labels.numpy().astype(np.int64))
-        tmp.replace(npz)
+        nhwc = images.permute(0, 2, 3, 1).contiguous().numpy()
+        atomic_write(npz, lambda f: np.savez(f, **{p.npz_key: nhwc}, labels=labels.numpy().astype(np.int64)))
     state.wait_for_everyone()
     return {"npz": npz, "num": num, "settings": {**settings, "seed": seed, "batch_size": batch_size},
             "sampled": run["sampled"], "reused": run["reused"]}
+
+
+def require_reference(reference) -> None:
+    if reference is None:
+        raise UserError("the adm protocol scores against the ADM reference batch: pass --reference "
+                        "PATH/VIRTUAL_imagenet256_labeled.npz (or another .npz / image folder of real images)")
 
 
 def evaluate_protocol(*, reference, protocol: str = "adm", model: torch.nn.Module | None = None, objective=None,
@@ -139,9 +144,7 @@ def evaluate_protocol(*, reference, protocol: str = "adm", model: torch.nn.Modul
     `reference`; with a tracker, log them at `step` with the sampling settings as tags."""
     from accelerate import PartialState
 
-    if reference is None:
-        raise UserError("the adm protocol scores against the ADM reference batch: pass --reference "
-                        "PATH/VIRTUAL_imagenet256_labeled.npz (or another .npz / image folder of real images)")
+    require_reference(reference)
     start = time.time()
     settings: dict = {"protocol": protocol}
     if samples is None:

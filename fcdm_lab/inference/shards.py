@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..fileio import atomic_write, atomic_write_json
 from .generation import BatchSampler, _distributed, track
 
 MANIFEST = "manifest.json"
@@ -40,10 +41,7 @@ def _check_manifest(folder: Path, settings: dict) -> None:
             raise UserError(f"{folder} holds shards made with other settings ({'; '.join(diff[:4])}); use another "
                             f"output folder or delete it")
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(settings, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, settings)
 
 
 def _done(folder: Path, n: int) -> list[int]:
@@ -74,10 +72,8 @@ def sample_to_shards(batches: BatchSampler, folder: str | os.PathLike, *, settin
     mine = missing[rank::world]
     for b in track(mine, progress and rank == 0, f"sampling {n} batches ({len(done)} done before)", total=len(mine)):
         images, labels = batches(b)
-        path = shard_path(folder, b)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, arr=images.permute(0, 2, 3, 1).contiguous().numpy(), labels=labels.numpy().astype(np.int64))
-        os.replace(tmp, path)
+        nhwc = images.permute(0, 2, 3, 1).contiguous().numpy()
+        atomic_write(shard_path(folder, b), lambda f: np.savez(f, arr=nhwc, labels=labels.numpy().astype(np.int64)))
     if dist:
         state.wait_for_everyone()
     return {"folder": folder, "num_batches": n, "sampled": len(mine), "reused": len(done)}

@@ -35,7 +35,8 @@ from ..tracking import (DEFAULT_EXPERIMENT, STATUS_FAILED, STATUS_FINISHED, STAT
                         tracked_run)
 from .engine import PARENT_ATTR, URI_ATTR, Launcher, check_parent_reachable, claim_waiting, run_workers, work
 from .report import STUDY_FILE, Report, build_report
-from .spec import ChildPlan, StudyPlan, StudySpec, list_studies, load_study, model_info_for, plan_study
+from ..train.preflight import check_config
+from .spec import ChildPlan, StudyPlan, StudySpec, list_studies, load_study, plan_study
 from .storage import DEFAULT_STORAGE, check_storage_url, open_storage, redact, sqlite_init_lock
 
 PLAN_ATTR = "settings_hash"
@@ -194,15 +195,16 @@ def _study_info(plan: StudyPlan) -> Dict[str, Any]:
 
 
 def _check_variants(plan: StudyPlan) -> None:
-    """Build every variant's model on the meta device (and load the data) before anything trains or
-    is created: a bad block option in the last variant fails now, not after the first ones trained."""
+    """Build every variant's model on the meta device (and load the data, and check the memory) before
+    anything trains or is created: a bad block option in the last variant fails now, not after the
+    first ones trained."""
     seen = set()
     for child in plan.children:
         if child.variant in seen:
             continue
         seen.add(child.variant)
         try:
-            model_info_for(child.cfg)
+            check_config(child.cfg)
         except UserError as e:
             raise UserError(f"study {plan.spec.name!r}, variant {child.variant!r}: {e}") from None
 

@@ -93,12 +93,13 @@ def rerun(run_id: str, uri: str | None = None, *, out_dir=None, progress: bool =
     """Re-execute a logged training run (or study child) from its recorded config and seed."""
     from rich.console import Console
 
-    from ..pipeline import preflight, run_pipeline
+    from ..pipeline import run_pipeline
+    from ..train.preflight import check_run
     from ..tracking import get_client, get_run, git_state, resolve_tracking_uri, tracked_run
 
     console = console or Console()
     uri = resolve_tracking_uri(uri)
-    client = get_client(uri)
+    client = get_client(uri, existing=True)
     run = get_run(run_id, client=client)
     tags = run.data.tags
     if tags.get("kind") == "ablation":
@@ -125,7 +126,7 @@ def rerun(run_id: str, uri: str | None = None, *, out_dir=None, progress: bool =
     new_tags = {"kind": "rerun", "fcdm.rerun_of": run_id, "study": study, "variant": variant}
     console.print(f"Rerunning {run.info.run_name or run_id} ({cfg.name}, seed {cfg.train.seed}, "
                   f"{cfg.train.steps} steps) into {folder}")
-    preflight(cfg, folder)  # nothing is created for a run that cannot train
+    check_run(cfg, folder)  # nothing is created for a run that cannot train
     with tracked_run(f"rerun-{run.info.run_name or run_id[:8]}", uri=uri, tags=new_tags) as tracker:
         out = run_pipeline(tracker, cfg, folder, progress=progress, study=study, variant=variant,
                            seed=None if seed is None else int(seed), evaluate=evaluated,

@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from ..bundled import STUDIES_DIR
-from ..config import (ExperimentConfig, apply_overrides, check_value, config_from_dict, experiment_data, from_dict,
+from ..config import (ExperimentConfig, apply_overrides, check_base, check_value, config_from_dict, experiment_data, from_dict,
                       parse_override, read_toml, resolve_experiment_path, resolve_named_file, table_class)
 from ..errors import UserError, choices
+from ..models.info import model_info_for
 
 HIGHER_IS_BETTER = ("acc", "is_", "precision", "recall")
 
@@ -235,6 +236,7 @@ def load_study(name_or_path: str | Path) -> StudySpec:
             raise UserError(f"{where}, variant {v.name!r}: match = {v.match!r}; valid knobs: {choices(KNOBS)}")
     if spec.variant(spec.baseline).match is not None:
         raise UserError(f"{where}: the baseline {spec.baseline!r} cannot have `match` (it is the compute target)")
+    check_base(path, spec.base)
     resolve_experiment_path(_base_path(spec))  # unknown base experiment: fail at load time
     if not spec.metrics:
         spec.metrics = list(load_base(spec).eval.metrics)
@@ -281,27 +283,6 @@ def normalize_overrides(overrides: Mapping[str, Any] | List[str] | None) -> Dict
     if isinstance(overrides, (list, tuple)):
         return dict(parse_override(o) for o in overrides)
     return dict(overrides)
-
-
-def _data_shape(cfg: ExperimentConfig) -> tuple[int, int, int]:
-    """(input_size, in_channels, num_classes) of the training data (reads only metadata for stores)."""
-    from ..data.build import CONFIG_KEYS, build_dataset
-
-    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k in CONFIG_KEYS and v is not None}
-    _, info = build_dataset(data, split="train")
-    return info["image_size"], info["channels"], info["num_classes"]
-
-
-def model_info_for(cfg: ExperimentConfig) -> Dict[str, Any]:
-    """build_model's info for a config, built on the meta device (no memory, no init cost)."""
-    import torch
-
-    from ..models.build import build_model
-
-    size, channels, classes = _data_shape(cfg)
-    with torch.device("meta"):
-        _, info = build_model(cfg.model, input_size=size, in_channels=channels, num_classes=classes)
-    return info
 
 
 def plan_study(spec: StudySpec, *, seeds: int | None = None, steps: int | None = None,

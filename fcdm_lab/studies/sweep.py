@@ -44,7 +44,9 @@ from ..errors import UserError, choices
 from ..urls import without_password
 from .engine import PARENT_ATTR, URI_ATTR, Launcher, check_parent_reachable, claim_waiting, run_workers, work
 from .storage import check_storage_url, open_storage, pasteable, redact, sqlite_init_lock
-from .spec import model_info_for, normalize_overrides
+from ..models.info import model_info_for
+from ..train.preflight import check_config
+from .spec import normalize_overrides
 # re-exported: sweep files and results keep their import path through this module
 from .sweep_file import (MODEL_METRICS, SPEC_ATTR, TRAIN_METRICS, Budget, Objective, Param, SweepSpec,  # noqa: F401
                          is_sweep_file, load_sweep, resolve_sweep_path, spec_fingerprint, sweep_names)
@@ -315,7 +317,7 @@ def _check_space_against_base(spec: SweepSpec, overrides: Mapping[str, Any]) -> 
         values = {p.key: p.extremes()[corner] for p in spec.space}
         corner_cfg = load_experiment(spec.base_path(), {**base, **values})
         try:
-            model_info_for(corner_cfg)
+            check_config(corner_cfg)
         except UserError as e:
             raise UserError(f"sweep {spec.name!r}: the search space corner {values} is not a valid model: "
                             f"{e}") from None

@@ -8,11 +8,8 @@ loads with `torch.load(weights_only=True)`: opening a checkpoint never runs pick
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import re
-import shutil
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -20,13 +17,14 @@ from typing import Any
 
 import torch
 
+from .. import fileio
 from ..errors import UserError
+from ..fileio import atomic_write
 
 FORMAT = "fcdm-lab-checkpoint"
 VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{7,})\.pt$")
-_TMP_PREFIX = ".tmp-"
 
 
 def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
@@ -57,76 +55,22 @@ def _nbytes(obj: Any) -> int:
     return 0
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
-
-
-def _no_space(path: Path, needed: int) -> UserError:
-    free = shutil.disk_usage(path.parent).free
-    kept = [str(p) for _, p in list_checkpoints(path.parent.parent)]
-    intact = f"earlier checkpoints are intact (newest: {kept[-1]})" if kept else "no earlier checkpoint exists"
-    return UserError(f"no space left to write checkpoint {path}: it needs about {_mb(needed)}, {_mb(free)} is free "
-                     f"there; {intact}; free some space and resume with --resume latest")
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
-
-    A crash (or SIGKILL) mid-write leaves at most a hidden `.tmp-*` file, never a truncated
-    checkpoint under the real name; `os.replace` is atomic within one filesystem. A full disk is a
-    UserError naming the space needed (checked before writing, and when a write fails: torch
-    reports ENOSPC as a bare RuntimeError), and the files already there stay as they were.
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`
+    (fileio.atomic_write): a crash (or SIGKILL) mid-write leaves at most a hidden `.tmp-*` file, never
+    a truncated checkpoint under the real name. A full disk is a UserError naming the space needed
+    (checked before writing, and when a write fails), and the files already there stay as they were.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    needed = _nbytes(obj) + (1 << 16)  # + pickle and zip headers
-    if shutil.disk_usage(path.parent).free < needed:
-        raise _no_space(path, needed)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP_PREFIX}{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        # Full if the filesystem has less room than what was still to be written (measured before
-        # the partial file goes, which gives its space back).
-        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-        if isinstance(e, (OSError, RuntimeError)) and not full and os.path.exists(tmp):
-            full = shutil.disk_usage(path.parent).free < needed - os.path.getsize(tmp)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if full:
-            raise _no_space(path, needed) from None
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    kept = [str(p) for _, p in list_checkpoints(path.parent.parent)]
+    intact = f"earlier checkpoints are intact (newest: {kept[-1]})" if kept else "no earlier checkpoint exists"
+    return atomic_write(path, lambda f: torch.save(obj, f), needed=_nbytes(obj) + (1 << 16),  # + pickle, zip headers
+                        what="checkpoint", hint=f"{intact}; free some space and resume with --resume latest")
 
 
 def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
     """Delete `.tmp-*` files a killed writer left in the checkpoint folder; returns them."""
-    folder = checkpoint_dir(out_dir)
-    stale = [p for p in folder.glob(f"{_TMP_PREFIX}*") if p.is_file()] if folder.is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+    return fileio.remove_stale_temporaries(checkpoint_dir(out_dir))
 
 
 def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int) -> list[Path]:
@@ -157,7 +101,9 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise UserError(f"{str(path)!r} is not a checkpoint: it is {what}; pass a step_*.pt file of a run folder")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+            # mmap: tensors are read when used, so a check that only looks at the metadata (a resume's
+            # compatibility, before a run opens) costs no time for a multi-GB checkpoint
+            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:  # truncated file, not a torch file, pickled classes we do not allow
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{str(path)!r} is not a readable checkpoint ({first})") from None
@@ -188,9 +134,30 @@ def find_latest_checkpoint(out_dir: str | os.PathLike) -> tuple[Path, dict] | No
     return None
 
 
+def check_compatible(ckpt: dict, model_info: dict, data_info: dict, path: Path) -> None:
+    """A checkpoint must fit the model this config builds; say exactly what differs."""
+    new = model_info["kwargs"]
+    # A setting added after the checkpoint was written (e.g. label_dropout) counts as its old default.
+    old = {"label_dropout": "shared", **(ckpt.get("model_info") or {}).get("kwargs", {})}
+    if "label_dropout" not in new:
+        old.pop("label_dropout")
+    diff = [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k != "grad_checkpointing" and old.get(k) != new.get(k)]
+    if ckpt.get("model_info", {}).get("name") != model_info["name"]:
+        diff.insert(0, f"model: checkpoint {ckpt.get('model_info', {}).get('name')!r}, now {model_info['name']!r}")
+    if diff:
+        hint = ""
+        if old.get("in_channels") != new.get("in_channels"):
+            hint = (f" (the data has {data_info['channels']} channels but the checkpoint's model takes "
+                    f"{old.get('in_channels')}: latent channels do not match the model)")
+        raise UserError(f"cannot resume from {path}: it was trained with another model{hint}; "
+                        f"differences: {'; '.join(diff)}")
+
+
 def resume_source(out_dir: str | os.PathLike, resume: str | None) -> tuple[Path | None, dict | None]:
     """What a training into `out_dir` resumes from: (None, None) for a fresh run (refused if the
-    folder already has checkpoints), the newest valid checkpoint for "latest", or the given file.
+    folder already has checkpoints), the newest valid checkpoint for "latest", the given file, or
+    the newest valid checkpoint of a given run folder.
     UserError, naming the fix, for anything that cannot be resumed. One place for both the checks
     made before a tracked run is created and the trainer itself."""
     out_dir = Path(out_dir)
@@ -207,8 +174,15 @@ def resume_source(out_dir: str | os.PathLike, resume: str | None) -> tuple[Path 
                             f"start without --resume, or pass a checkpoint path")
         return found
     path = Path(resume)
+    if path.is_dir():  # a run folder (or its checkpoints/ folder): its newest valid checkpoint
+        folder = path.parent if path.name == CHECKPOINT_DIR else path
+        found = find_latest_checkpoint(folder)
+        if found is None:
+            raise UserError(f"--resume {str(path)!r} is a folder without valid checkpoints ({checkpoint_dir(folder)}"
+                            f"/step_*.pt); pass a run folder that has them, a checkpoint file or --resume latest")
+        return found
     if not path.is_file():
-        raise UserError(f"checkpoint {str(path)!r} does not exist; pass --resume latest or a "
+        raise UserError(f"checkpoint {str(path)!r} does not exist; pass --resume latest, a run folder or a "
                         f"checkpoints/step_*.pt file")
     try:
         ckpt = read_checkpoint(path)

@@ -29,13 +29,14 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..accel import configure_tf32
 from ..config import ExperimentConfig
-from ..data.build import CONFIG_KEYS as DATA_KEYS
 from ..data.build import build_dataset
 from ..diffusion import create_objective
 from ..errors import UserError, choices
 from ..models.build import build_model
+from ..models.info import data_config
 from . import checkpoint as ckpt_io
-from .preflight import check_model_memory, check_output_dir, run_folder_lock
+from ..fileio import atomic_write, atomic_write_text, check_output_dir
+from .preflight import check_model_memory, run_folder_lock
 from ..inference import generate, grid_labels, load_vae_for, save_grid
 from ..rng import all_gather, derive_seed, rng_state, seed_streams, set_rng_state
 from ..signals import StopRequest, ignore_in_worker, stop_on_signals
@@ -150,10 +151,6 @@ def _micro_batch(cfg: ExperimentConfig, world: int) -> int:
     return cfg.train.batch_size // per
 
 
-def _data_config(cfg: ExperimentConfig) -> dict:
-    return {k: getattr(cfg.data, k) for k in DATA_KEYS if getattr(cfg.data, k) is not None}
-
-
 def _drop_none(d: Any) -> Any:
     if isinstance(d, dict):
         return {k: _drop_none(v) for k, v in d.items() if v is not None}
@@ -166,43 +163,17 @@ def write_config_toml(cfg: ExperimentConfig, path: str | os.PathLike) -> Path:
     """The resolved config as TOML (None values dropped: TOML has no null)."""
     import tomli_w
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(tomli_w.dumps(_drop_none(cfg.to_dict())))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, tomli_w.dumps(_drop_none(cfg.to_dict())))
 
 
 def save_ema_safetensors(state: dict, path: str | os.PathLike, metadata: dict) -> Path:
     """EMA weights as safetensors; `metadata` values are JSON-encoded (safetensors takes str -> str)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
-              metadata={k: json.dumps(v) for k, v in metadata.items()})
-    os.replace(tmp, path)
-    return path
-
-
-def _compatible(ckpt: dict, model_info: dict, data_info: dict, path: Path) -> None:
-    """A checkpoint must fit the model this config builds; say exactly what differs."""
-    new = model_info["kwargs"]
-    # A setting added after the checkpoint was written (e.g. label_dropout) counts as its old default.
-    old = {"label_dropout": "shared", **(ckpt.get("model_info") or {}).get("kwargs", {})}
-    if "label_dropout" not in new:
-        old.pop("label_dropout")
-    diff = [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if k != "grad_checkpointing" and old.get(k) != new.get(k)]
-    if ckpt.get("model_info", {}).get("name") != model_info["name"]:
-        diff.insert(0, f"model: checkpoint {ckpt.get('model_info', {}).get('name')!r}, now {model_info['name']!r}")
-    if diff:
-        hint = ""
-        if old.get("in_channels") != new.get("in_channels"):
-            hint = (f" (the data has {data_info['channels']} channels but the checkpoint's model takes "
-                    f"{old.get('in_channels')}: latent channels do not match the model)")
-        raise UserError(f"cannot resume from {path}: it was trained with another model{hint}; "
-                        f"differences: {'; '.join(diff)}")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    data = save(tensors, metadata={k: json.dumps(v) for k, v in metadata.items()})
+    return atomic_write(path, lambda f: f.write(data), needed=len(data) + 4096, what="EMA weights",
+                        hint="free some space, then run the same command with --resume latest")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +313,7 @@ def _train(cfg: ExperimentConfig, out_dir: str | os.PathLike, stop: StopRequest,
     ckpt_path, ckpt = ckpt_io.resume_source(out_dir, resume)
 
     # ---- data, model, objective (identical init on every process: seeded before building)
-    dataset, data_info = build_dataset(_data_config(cfg), "train")
+    dataset, data_info = build_dataset(data_config(cfg), "train")
     check_model_memory(cfg.model, data_info, device)  # on the meta device, before allocating
     torch.manual_seed(tcfg.seed)
     model, model_info = build_model(cfg.model, input_size=data_info["image_size"],
@@ -361,7 +332,7 @@ def _train(cfg: ExperimentConfig, out_dir: str | os.PathLike, stop: StopRequest,
 
     start_step, data_pos = 0, 0
     if ckpt is not None:
-        _compatible(ckpt, model_info, data_info, ckpt_path)
+        ckpt_io.check_compatible(ckpt, model_info, data_info, ckpt_path)
         model.load_state_dict(ckpt["model"])
         ema.module.load_state_dict(ckpt["ema"])
         ema.n_averaged.fill_(int(ckpt["ema_updates"]))
@@ -541,7 +512,7 @@ def _train(cfg: ExperimentConfig, out_dir: str | os.PathLike, stop: StopRequest,
         save_ema_safetensors(ema.module.state_dict(), ema_path, meta)
         from ..diffusers_pipeline import save_run_pipeline  # EMA model in diffusers layout (FCDMPipeline)
 
-        diffusers_files = save_run_pipeline(ema.module, cfg, out_dir, data_info)
+        diffusers_files = save_run_pipeline(ema.module, cfg, out_dir, data_info, step=step, model_info=model_info)
         config_path = write_config_toml(cfg, out_dir / "config.toml")
         if tracker is not None:
             tracker.log_artifact(str(config_path))
