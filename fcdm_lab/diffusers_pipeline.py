@@ -136,21 +136,36 @@ class FCDMPipeline(DiffusionPipeline):
 
 
 def save_run_pipeline(model: torch.nn.Module, cfg: Any, out_dir: str | os.PathLike,
-                      data_info: dict | None = None) -> list[Path]:
+                      data_info: dict | None = None, *, step: int | None = None,
+                      model_info: dict | None = None) -> list[Path]:
     """Write a trained model in diffusers layout into its run folder; returns what was written.
 
     ddpm objective: the whole pipeline (model_index.json, model/, scheduler/), so both
     `FCDMPipeline.from_pretrained(out_dir)` and `FCDM.from_pretrained(out_dir)` work. flow: model/ only.
+    model/fcdm_lab.json records the step, the model and data info and the run's config, so that the
+    folder alone samples with the objective it was trained with (inference.load_checkpoint).
+    Each part is written aside and swapped into place whole (fileio.replaced_folder).
     """
+    from .fileio import atomic_write_json, atomic_write_text, replaced_folder
+    from .inference.checkpoints import MODEL_INFO_FILE
+
     out_dir = Path(out_dir)
     d = cfg.diffusion
+    meta = {"format": "fcdm-lab-model", "step": step, "model_info": model_info, "data_info": data_info,
+            "config": cfg.to_dict()}
+    hint = "free some space, then run the same command with --resume latest"
+    with replaced_folder(out_dir / MODEL_SUBFOLDER, hint=hint) as folder:
+        model.save_pretrained(folder)
+        atomic_write_json(folder / MODEL_INFO_FILE, meta)
     if d.objective != "ddpm":
-        model.save_pretrained(out_dir / MODEL_SUBFOLDER)
         return [out_dir / MODEL_SUBFOLDER]
     scheduler = adm_scheduler("ddpm", num_timesteps=d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
                               learn_sigma=bool(model.config.learn_sigma))
     scale = ((data_info or {}).get("vae") or {}).get("scale_factor")
-    FCDMPipeline(model=model, scheduler=scheduler, latent_scale=scale).save_pretrained(out_dir)
+    with replaced_folder(out_dir / "scheduler", hint=hint) as folder:
+        scheduler.save_pretrained(folder)
+    pipe = FCDMPipeline(model=model, scheduler=scheduler, latent_scale=scale)
+    atomic_write_text(out_dir / pipe.config_name, pipe.to_json_string(), hint=hint)  # model_index.json
     return [out_dir / "model_index.json", out_dir / MODEL_SUBFOLDER, out_dir / "scheduler"]
 
 

@@ -106,7 +106,7 @@ def test_missing_or_foreign_checkpoints_are_user_errors(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="not a checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
-    with pytest.raises(UserError, match="without checkpoints"):
+    with pytest.raises(UserError, match="folder without a model; pass one of what a run writes"):
         load_checkpoint(tmp_path)
 
 

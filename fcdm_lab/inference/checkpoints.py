@@ -28,6 +28,7 @@ from ..config import ExperimentConfig, config_from_dict
 from ..diffusion import OBJECTIVES, create_objective
 from ..errors import UserError, choices
 from ..models import create_model
+from ..models.pretrained import load_pretrained, model_folder
 
 # Keys of the reference's flow training arguments (train_gen_flow's parse_transport_args): their
 # presence in a checkpoint's `args` marks a flow-matching model.
@@ -141,34 +142,53 @@ def _ckpt_io():
     return checkpoint
 
 
+ARTIFACTS = ("a run folder", "its model/ folder", "model/diffusion_pytorch_model.safetensors", "ema.safetensors",
+             "checkpoints/step_*.pt", "a reference FCDM checkpoint")
+
+
 def _resolve_path(path: Path) -> Path:
-    """A run folder means its newest checkpoint, else its ema.safetensors."""
+    """What a path given as a model means: a run folder its newest training checkpoint (raw and EMA
+    weights), else its diffusers model, else its ema.safetensors; a diffusers model file (weights
+    or config) its model folder; anything else itself."""
     ckpt_io = _ckpt_io()
     if path.is_dir():
         found = ckpt_io.find_latest_checkpoint(path)
         if found is not None:
             return found[0]
+        if model_folder(path) is not None:
+            return model_folder(path)
         if (path / "ema.safetensors").is_file():
             return path / "ema.safetensors"
-        raise UserError(f"{path} is a folder without checkpoints/step_*.pt or ema.safetensors; pass a checkpoint file")
+        raise UserError(f"{path} is a folder without a model; pass one of what a run writes: {choices(ARTIFACTS)}")
+    if path.is_file() and model_folder(path.parent) == path.parent and (
+            path.name.startswith("diffusion_pytorch_model") or path.name == "config.json"):
+        return path.parent  # diffusers' weights file needs its config.json: load the folder
+    if path.name == "model_index.json" and model_folder(path.parent) is not None:
+        return model_folder(path.parent)
     return path
 
 
 def load_checkpoint(path: str | os.PathLike, *, use_ema: bool = True, device: str | torch.device = "cpu"
                     ) -> tuple[torch.nn.Module, ExperimentConfig | None, dict]:
-    """(model in eval mode on `device`, its config or None, info) from a checkpoint.
-
-    Accepts our training checkpoints (`step_*.pt`), our `ema.safetensors`, a run folder (its newest
-    checkpoint), and reference FCDM checkpoints {"model", "ema", "opt", "args"} (the architecture is
-    inferred from the weights' shapes and args). info: path, source ("fcdm-lab" | "fcdm-lab-ema" |
-    "reference"), weights ("ema" | "model": which were loaded), step (or None), model_info,
-    data_info (or None), diffusion ({objective, time_scale, sampler, source}: see the module docstring).
+    """(model in eval mode on `device`, its config or None, info) from any model artefact a run
+    writes (ARTIFACTS): our training checkpoints (`step_*.pt`), the diffusers model folder (also the
+    run folder, the pipeline folder, or the weights file inside `model/`), the older
+    `ema.safetensors`, a run folder (its newest checkpoint); and reference FCDM checkpoints
+    {"model", "ema", "opt", "args"} (the architecture is inferred from the weights' shapes and args).
+    info: path, source ("fcdm-lab" | "fcdm-lab-ema" | "diffusers" | "reference"), weights ("ema" |
+    "model": which were loaded), step (or None), model_info, data_info (or None), diffusion
+    ({objective, time_scale, sampler, source}: see the module docstring).
     """
     ckpt_io = _ckpt_io()
-    path = _resolve_path(Path(path))
+    path = Path(path)
     if not path.exists():
-        raise UserError(f"checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
+        raise UserError(f"checkpoint {str(path)!r} does not exist; pass one of what a run writes: {choices(ARTIFACTS)}")
+    path = _resolve_path(path)
+    if path.is_dir():
+        if not use_ema:
+            raise UserError(f"{path} holds the EMA weights only; for the raw weights pass a checkpoints/step_*.pt file")
+        model, cfg, info = _load_diffusers(path, device)
+    elif path.suffix == ".safetensors":
         model, cfg, info = _load_safetensors(path)
     else:
         ckpt = ckpt_io.read_checkpoint(path)
@@ -202,19 +222,43 @@ def load_checkpoint(path: str | os.PathLike, *, use_ema: bool = True, device: st
     return model, cfg, info
 
 
+MODEL_INFO_FILE = "fcdm_lab.json"  # next to a diffusers model's config.json: step, model/data info, run config
+
+
+def _load_diffusers(folder: Path, device):
+    """A diffusers model folder (our run folders' `model/`): the weights with the run's config, from
+    the folder's fcdm_lab.json, else the run folder's config.toml (folders written before the file)."""
+    import tomllib
+
+    model = load_pretrained(folder, device=device)
+    meta: dict = {}
+    if (folder / MODEL_INFO_FILE).is_file():
+        meta = json.loads((folder / MODEL_INFO_FILE).read_text())
+    config = meta.get("config")
+    if config is None:
+        toml = next((f / "config.toml" for f in (folder, folder.parent) if (f / "config.toml").is_file()), None)
+        config = tomllib.loads(toml.read_text()) if toml is not None else None
+    kwargs = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    model_info = meta.get("model_info") or {"name": type(model).__name__, "kwargs": kwargs}
+    info = {"path": str(folder), "source": "diffusers", "weights": "ema", "step": meta.get("step"),
+            "model_info": model_info, "data_info": meta.get("data_info"), "diffusion": _config_diffusion(config)}
+    return model, _config_or_none(config), info
+
+
 def _load_safetensors(path: Path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     try:
         with safe_open(str(path), "pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            raw = f.metadata() or {}
+        meta = {k: json.loads(v) for k, v in raw.items()} if raw.get("format") == '"fcdm-lab-ema"' else raw
         state = load_file(str(path))
     except Exception as e:
         raise UserError(f"{path} is not a readable safetensors file ({e})") from None
     if meta.get("format") != "fcdm-lab-ema":
         raise UserError(f"{path} has no fcdm-lab metadata (model name and settings), so its model cannot be "
-                        f"rebuilt; pass a training checkpoint instead")
+                        f"rebuilt; pass one of what a run writes: {choices(ARTIFACTS)}")
     mi = meta["model_info"]
     model = create_model(mi["name"], **{**mi["kwargs"], "grad_checkpointing": False})
     _load_state(model, state, str(path))
