@@ -348,13 +348,15 @@ def rerun(run_id: str = typer.Argument(..., help="MLflow run id to re-execute.")
 @app.command()
 def ui(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (127.0.0.1: this machine only)."),
-    port: int = typer.Option(5000, "--port", help="Port to listen on."),
+    port: int = typer.Option(5000, "--port", min=1, max=65535, help="Port to listen on (1-65535)."),
     tracking_uri: Optional[str] = UriOpt,
 ):
     """Start the MLflow UI on the same store (loopback by default)."""
     from .tracking import launch_ui
 
-    launch_ui(tracking_uri, host=host, port=port)
+    code = launch_ui(tracking_uri, host=host, port=port)
+    if code:
+        raise typer.Exit(code)
 
 
 # ---------------------------------------------------------------------------------------------

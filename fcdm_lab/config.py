@@ -127,7 +127,7 @@ class ExperimentConfig:
 
 # One coercion policy for every file and override: experiments, studies, sweeps and block options.
 #   int   <- an integer, or a float with a whole value (1e3 -> 1000, 64.0 -> 64); 64.5 is an error
-#   float <- a float or an integer (3 -> 3.0)
+#   float <- a finite float or an integer (3 -> 3.0); nan and inf are errors
 #   bool  <- true / false only (not 0 / 1, not "true")
 #   str   <- a string only: strings never become numbers or booleans ("1e-3", "5" are errors)
 #   list, list[T], dict <- a TOML array / table (items by the same rules); Optional[T] <- T or unset
@@ -147,6 +147,8 @@ def check_value(key: str, value: Any, tp: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None and len(args) < len(typing.get_args(tp)):
             return None
+        if len(args) == 1:  # Optional[T]: T's own message
+            return check_value(key, value, args[0])
         for arg in args:
             try:
                 return check_value(key, value, arg)
@@ -166,6 +168,8 @@ def check_value(key: str, value: Any, tp: Any) -> Any:
         return value
     if isinstance(value, bool) != (tp is bool):  # bools are ints in Python, never in a config
         raise UserError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    if tp is float and isinstance(value, (int, float)) and not math.isfinite(value):
+        raise UserError(f"{key} must be a finite number, got {value!r}")
     if tp is float and isinstance(value, int):
         return float(value)
     if tp is int and isinstance(value, float) and value.is_integer():
@@ -238,6 +242,10 @@ def config_from_dict(data: Dict[str, Any]) -> ExperimentConfig:
     return cfg
 
 
+MAX_SEED = 2**32 - 1        # numpy's and most tools' seed range; study seeds add the seed index
+MAX_THREADS = 1024          # torch threads per process (100000 crashed the process)
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Cross-field checks that types alone cannot express."""
     from .diffusion import OBJECTIVES
@@ -262,10 +270,12 @@ def validate(cfg: ExperimentConfig) -> None:
         "train.log_every": (t.log_every, 1, None, True), "train.ckpt_every": (t.ckpt_every, 1, None, True),
         "train.sample_every": (t.sample_every, 0, None, True), "train.warmup_steps": (t.warmup_steps, 0, None, True),
         "train.lr": (t.lr, 0, None, False), "train.weight_decay": (t.weight_decay, 0, None, True),
-        "train.grad_clip": (t.grad_clip, 0, None, False), "train.threads": (t.threads, 1, None, True),
+        "train.grad_clip": (t.grad_clip, 0, None, False), "train.threads": (t.threads, 1, MAX_THREADS + 1, True),
+        "train.seed": (t.seed, 0, MAX_SEED + 1, True),
         "train.ema_decay": (t.ema_decay, 0, 1, True), "data.num_workers": (cfg.data.num_workers, 0, None, True),
         "data.image_size": (cfg.data.image_size, 1, None, True),
         "model.class_dropout_prob": (cfg.model.class_dropout_prob, 0, 1, True),
+        "model.match_target_gmacs": (cfg.model.match_target_gmacs, 0, None, False),
         "diffusion.num_timesteps": (d.num_timesteps, 1, None, True), "diffusion.beta_start": (d.beta_start, 0, 1, False),
         "diffusion.beta_end": (d.beta_end, 0, 1, False), "diffusion.time_scale": (d.time_scale, 0, None, False),
         "eval.num_samples": (e.num_samples, 1, None, True), "eval.steps": (e.steps, 1, None, True),
@@ -277,7 +287,12 @@ def validate(cfg: ExperimentConfig) -> None:
             continue
         ok = (value >= low if closed else value > low) and (high is None or value < high) and math.isfinite(value)
         if not ok:
-            want = f"{'>=' if closed else '>'} {low}" if high is None else f"in {'[' if closed else '('}{low}, {high})"
+            if high is None:
+                want = f"{'>=' if closed else '>'} {low}"
+            elif isinstance(value, int) and closed:
+                want = f"an integer from {low} to {high - 1}"
+            else:
+                want = f"in {'[' if closed else '('}{low}, {high})"
             raise UserError(f"{key} must be {want}, got {value}")
     if d.beta_start > d.beta_end:
         raise UserError(f"diffusion.beta_start ({d.beta_start}) must be <= diffusion.beta_end ({d.beta_end})")
@@ -309,6 +324,8 @@ def resolve_named_file(name_or_path: str | Path, folder: Path, kind: str, names:
     """A `kind` is a path to a TOML file or the name of one in `folder` (`accept(path)` may refuse
     a bundled file of another kind). Unknown names raise a UserError listing `names`."""
     p = Path(name_or_path)
+    if p.is_dir():
+        raise UserError(f"{kind} {str(p)!r} is a folder, not a .toml file; bundled {kind}s: {choices(names)}")
     if p.suffix == ".toml" or p.is_file():
         if not p.is_file():
             raise UserError(f"{kind} file {str(p)!r} not found; bundled {kind}s: {choices(names)}")
@@ -325,11 +342,17 @@ def resolve_experiment_path(name_or_path: str) -> Path:
 
 
 def read_toml(path: Path) -> Dict[str, Any]:
+    """A TOML file as a dict; malformed TOML, text that is not UTF-8 (TOML's encoding) or an
+    unreadable file is a one-line UserError."""
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: malformed TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); TOML files are UTF-8: re-save it as UTF-8") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder, not a .toml file") from None
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -379,6 +402,14 @@ def merge_experiment(base: Dict[str, Any], data: Dict[str, Any]) -> Dict[str, An
     return out
 
 
+def check_base(path: Path, base: str) -> None:
+    """`base` (of an experiment, study or sweep file) names a bundled experiment or a .toml file by a
+    path RELATIVE to the file: a file shared with others cannot make them read any file on their disk."""
+    if Path(base).is_absolute() or base.startswith("~"):
+        raise UserError(f"{path}: base {base!r} must be a bundled experiment ({choices(experiment_names())}) or a "
+                        f"path relative to the file, not an absolute path")
+
+
 def read_experiment(path: Path, _chain: tuple = ()) -> Dict[str, Any]:
     """An experiment file as a plain dict, with its `base` chain merged in (`merge_experiment`).
     `base` is a bundled experiment's name or a path relative to the file; an unknown base or a
@@ -393,6 +424,7 @@ def read_experiment(path: Path, _chain: tuple = ()) -> Dict[str, Any]:
     base = data.pop("base")
     if not isinstance(base, str):
         raise UserError(f"{path}: base must be an experiment name or a path to a .toml file, got {base!r}")
+    check_base(path, base)
     relative = path.parent / base
     try:
         base_path = resolve_experiment_path(relative if relative.suffix == ".toml" else base)

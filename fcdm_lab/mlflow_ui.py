@@ -3,7 +3,10 @@
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import socket
 import subprocess
 import sys
 from urllib.parse import urlsplit
@@ -31,6 +34,7 @@ def launch_ui(uri: str | None = None, host: str = "127.0.0.1", port: int = 5000)
 
     cmd = ui_command(uri, host, port)
     store = cmd[cmd.index("--backend-store-uri") + 1]
+    check_listen_address(host, port)  # MLflow's server would print a traceback ~45 s later and exit 0
     probe_tracking_uri(store)
     exp = _client(store).get_experiment_by_name(DEFAULT_EXPERIMENT)
     link = ui_link(f"http://{host}:{port}", exp.experiment_id if exp is not None else None)
@@ -52,6 +56,26 @@ def launch_ui(uri: str | None = None, host: str = "127.0.0.1", port: int = 5000)
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """A UserError unless this machine can listen on (host, port): a valid port, a host name that
+    resolves to one of this machine's addresses, a port no one else holds."""
+    if not (isinstance(port, int) and 1 <= port <= 65535):
+        raise UserError(f"--port must be from 1 to 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"--host {host!r} is not an address or name this machine can resolve ({e}); e.g. 127.0.0.1 "
+                        f"(this machine only) or 0.0.0.0 (every interface)") from None
+    family, kind, proto, _, address = infos[0]
+    with contextlib.closing(socket.socket(family, kind, proto)) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            why = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be used ({e.strerror})"
+            raise UserError(f"cannot listen on {host}:{port}: the address {why}; pick another --port or --host") from None
 
 
 def ui_link(base_url: str, experiment_id: str | None = None) -> str:

@@ -362,6 +362,9 @@ def load_vae(vae: str):
     from diffusers import AutoencoderKL  # imported here: diffusers takes seconds to import
 
     path = os.path.abspath(os.path.expanduser(vae))
+    if os.path.isfile(path):
+        raise UserError(f"VAE {path} is a file; pass the folder of an AutoencoderKL (config.json and weights, as "
+                        f"AutoencoderKL.save_pretrained writes it), or a hub name such as stabilityai/sd-vae-ft-ema")
     if os.path.isdir(path):
         sub = "vae" if (not os.path.isfile(os.path.join(path, "config.json"))
                         and os.path.isfile(os.path.join(path, "vae", "config.json"))) else None
@@ -390,6 +393,9 @@ def load_vae(vae: str):
         raise UserError(f"could not load VAE {vae!r} from the hub ({first}); " + _local_dir_hint(vae)) from e
 
 
+MAX_IMAGE_SIZE = 2048  # the VAE's activations at 100000 px filled 22 GB before it was killed
+
+
 def extract_latents(images: str, vae: str, out: str, image_size: int = 256, batch_size: int = 32,
                     flip: str | bool = "random", shard_size: int = 10000, device=None, progress: bool = True, *,
                     scale_factor: float = DIT_SCALE_FACTOR, dtype: str = "float32", seed: int = 0,
@@ -407,6 +413,9 @@ def extract_latents(images: str, vae: str, out: str, image_size: int = 256, batc
     from fcdm_lab.rng import derive_seed
 
     flip = {True: "both", False: "none"}.get(flip, flip) if isinstance(flip, bool) else flip
+    if not (isinstance(image_size, int) and 8 <= image_size <= MAX_IMAGE_SIZE and image_size % 8 == 0):
+        raise UserError(f"image size must be a multiple of 8 from 8 to {MAX_IMAGE_SIZE} pixels (the SD-VAE's factor), "
+                        f"got {image_size}")
     if flip not in FLIP_MODES:
         raise UserError(f"flip mode {flip!r} is not valid; choose one of: {choices(FLIP_MODES)}")
     if dtype not in STORE_DTYPES:

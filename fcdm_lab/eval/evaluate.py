@@ -136,6 +136,51 @@ def compute_sample_metrics(images: torch.Tensor, labels: torch.Tensor | None, *,
             if any(result_key_matches(w, k[:-4] if k.endswith("_std") else k) for w in wanted)}
 
 
+def check_metrics_for(metrics: Iterable[str], data_name: str) -> List[str]:
+    """The metric names an evaluation of `data_name` data will compute (short names expanded), or a
+    one-line UserError: an unknown name, or a dataset CNN's metric on other data."""
+    names = check_metric_names(expand_metric_names(metrics, data_name))
+    plan = plan_metrics(names)
+    for tag, data in CLASSIFIER_DATA.items():
+        if (plan[tag] or plan["labels"] == tag) and data_name != data:
+            raise UserError(f"*_{tag} metrics judge with the {tag} classifier and need data.name = {data!r} "
+                            f"(got {data_name!r}); use the *_inception metrics ({choices(INCEPTION_METRICS)})")
+    return names
+
+
+def check_inputs(*, samples=None, reference=None, inception_weights=None, min_samples: int = 1) -> None:
+    """Refuse bad evaluation input before anything is created or sampled: the samples and the
+    reference (a named reference set, or a folder / .npz checked from its headers; an .npz of
+    precomputed FID statistics counts), and the Inception weights file."""
+    from .fidelity import REFERENCES, check_inception_weights
+    from .samples_io import check_sample_source
+
+    if samples is not None:
+        count = check_sample_source(samples, "samples")
+        if count is not None and count < min_samples:
+            raise UserError(f"samples {str(samples)!r} hold {count} images; the protocol's metrics need at least "
+                            f"{min_samples} (Inception Score: one per split)")
+    if reference is not None and not (isinstance(reference, str) and reference in REFERENCES):
+        path = Path(reference)
+        if not path.exists():
+            raise UserError(f"reference {str(reference)!r} is neither an existing folder / .npz file nor a "
+                            f"reference name ({choices(REFERENCES)})")
+        if not _has_fid_statistics(path):
+            check_sample_source(path, "reference")
+    if inception_weights is not None:  # tensors only, the published file's sha256: never unpickled
+        check_inception_weights(inception_weights)
+
+
+def _has_fid_statistics(path: Path) -> bool:
+    """An .npz with precomputed FID statistics (mu, sigma), as the ADM reference batches carry."""
+    import zipfile
+
+    if path.suffix != ".npz" or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return {"mu.npy", "sigma.npy"} <= set(z.namelist())
+
+
 def _grid(images: torch.Tensor):
     """First GRID_SIZE samples as one HWC uint8 array (small images enlarged, as the trainer's grids)."""
     from ..inference import grid_array
@@ -162,8 +207,8 @@ def evaluate_model(model: torch.nn.Module, cfg, *, num_samples: int | None = Non
         raise UserError(f"num_samples must be >= 1, got {num}")
     reference = reference or reference_for(cfg)
     inception_weights = inception_weights or ev.inception_weights
-    if plan_metrics(metrics)["inception"] and inception_weights and not Path(inception_weights).expanduser().is_file():
-        raise UserError(f"Inception weights file {str(inception_weights)!r} does not exist")  # before sampling
+    if plan_metrics(metrics)["inception"] and inception_weights:
+        check_inputs(inception_weights=inception_weights)  # before sampling
     objective = objective or objective_for(cfg, model)
     scale = None
     if vae is not None or (data_info or {}).get("vae") or int(model.config.in_channels) not in IMAGE_CHANNELS:
@@ -220,14 +265,19 @@ def evaluate_checkpoint(checkpoint, *, num_samples: int | None = None, metrics: 
         from .protocol import get_protocol
 
         protocol = get_protocol(protocol or "adm").name
+    from .fidelity import ISC_SPLITS  # torch-fidelity: seconds to import, only when evaluating
+
+    check_inputs(samples=samples, reference=reference, inception_weights=inception_weights,
+                 min_samples=ISC_SPLITS if samples is not None else 1)
     if checkpoint is None:
         if samples is None:
             raise UserError("give a checkpoint to evaluate (--checkpoint) or existing samples to score (--samples)")
-        from .protocol import evaluate_protocol
+        from .protocol import evaluate_protocol, require_reference
 
+        require_reference(reference)
         return _log_samples_eval(samples, lambda tr: evaluate_protocol(
             reference=reference, protocol=protocol, samples=samples, inception_weights=inception_weights,
-            tracker=tr, progress=progress), track=track, uri=uri, say=say)
+            tracker=tr, progress=progress), track=track, uri=uri, say=say, run_id=run_id)
     path = Path(checkpoint)
     if not path.exists():
         raise UserError(f"checkpoint {str(path)!r} does not exist (a training folder's checkpoints/step_*.pt "
@@ -249,6 +299,13 @@ def evaluate_checkpoint(checkpoint, *, num_samples: int | None = None, metrics: 
         cfg.data.name = data_info.get("name", "latents" if int(model.config.in_channels) == 4 else "unknown")
     weights = "ema" if info.get("weights", "ema" if use_ema else "model") == "ema" else "raw"
     step = info.get("step")
+    check_inputs(reference=reference or cfg.eval.reference, inception_weights=inception_weights or cfg.eval.inception_weights)
+    if protocol is None:  # every refusal before a run is opened or a sample drawn
+        check_metrics_for(cfg.eval.metrics if metrics is None else metrics, cfg.data.name)
+    else:
+        from .protocol import require_reference
+
+        require_reference(reference or cfg.eval.reference)
     say(f"Evaluating the {'EMA' if weights == 'ema' else 'raw (non-EMA)'} weights of {path}"
         + (f" (step {step})" if step is not None else "") + f" ({obj.name}"
         + (f", time scale {obj.time_scale:g}" if obj.name == "flow" else "")
@@ -314,12 +371,19 @@ def evaluate_checkpoint(checkpoint, *, num_samples: int | None = None, metrics: 
     return values
 
 
-def _log_samples_eval(samples, run, *, track: bool, uri: str | None, say) -> Dict[str, float]:
-    """Score existing samples (no checkpoint) into a new evaluation run (or none: track=False)."""
+def _log_samples_eval(samples, run, *, track: bool, uri: str | None, say, run_id: str | None = None
+                      ) -> Dict[str, float]:
+    """Score existing samples (no checkpoint) into `run_id`, else a new evaluation run (or none:
+    track=False)."""
     if not track:
         return run(None)
-    from ..tracking import tracked_run
+    from ..tracking import attach_run, tracked_run
 
+    if run_id is not None:
+        target = attach_run(run_id, uri)  # the store and the run must exist: nothing is created
+        values = run(target)
+        say(f"Logged to run {target.run_id}")
+        return values
     tags = {"kind": "evaluation", "fcdm.source_samples": str(Path(samples).resolve())}
     with tracked_run(f"eval-{Path(samples).stem}", uri=uri, tags=tags) as tr:
         values = run(tr)

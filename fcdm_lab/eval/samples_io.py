@@ -129,6 +129,53 @@ def _load_folder(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))
 
 
+def _npz_header(path: Path) -> tuple[str, np.dtype, tuple]:
+    """(key, dtype, shape) of the image array of an .npz, read from the array's header only."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+            key = next((k for k in NPZ_KEYS if k in names), None)
+            if key is None:
+                raise UserError(f"sample file {str(path)!r} has no 'arr_0' or 'arr' array (NHWC uint8 images, "
+                                f"as ADM and the reference write them); its arrays: {choices(names) or 'none'}")
+            with z.open(f"{key}.npy") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _fortran, dtype = read(f)
+    except UserError:
+        raise
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f"cannot read sample file {str(path)!r} as .npz: {e}") from None
+    return key, np.dtype(dtype), tuple(shape)
+
+
+def check_sample_source(path: str | os.PathLike, what: str = "samples") -> int:
+    """Check a folder of images or an .npz of samples the way `load_samples` will read it, from the
+    file headers only (seconds for GBs): so that an evaluation refuses bad input before it creates
+    a run or samples anything. Returns the number of images; a one-line UserError otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        count = sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir())
+        if not count:
+            raise UserError(f"{what} folder {str(path)!r} has no images (looked for {choices(IMAGE_EXTENSIONS)})")
+        return count
+    if path.is_file() and path.suffix == ".npz":
+        key, dtype, shape = _npz_header(path)
+        if dtype != np.uint8 or len(shape) not in (3, 4):
+            raise UserError(f"{what} file {str(path)!r}: {key} must be uint8 NHWC (or NHW for grayscale); got "
+                            f"{dtype} with shape {shape}")
+        if shape[0] < 1 or (len(shape) == 4 and shape[-1] not in CHANNELS):
+            raise UserError(f"{what} file {str(path)!r}: {key} must hold N >= 1 images of {choices(CHANNELS)} "
+                            f"channels in NHWC layout; got shape {shape}")
+        return int(shape[0])
+    if path.is_file():
+        raise UserError(f"cannot read {what} from {str(path)!r}: expected a folder of images "
+                        f"({choices(IMAGE_EXTENSIONS)}) or an .npz file")
+    raise UserError(f"{what} path {str(path)!r} does not exist (expected a folder of images or an .npz)")
+
+
 def load_samples(path: str | os.PathLike) -> torch.Tensor:
     """A sample set from disk as uint8 (N, C, H, W): a folder of images (sorted by file name;
     grayscale stays 1 channel) or an ADM `.npz` (`arr_0` or `arr`, NHWC uint8)."""

@@ -17,6 +17,7 @@ import torch
 
 from ..accel import configure_tf32
 from ..errors import UserError, choices
+from ..fileio import check_output_dir
 from ..eval.samples_io import NPZ_KEYS, check_images_uint8
 from .checkpoints import diffusion_settings, load_checkpoint, objective_for
 from .generation import IMAGE_CHANNELS, _distributed, generate, load_vae_for
@@ -94,6 +95,7 @@ def sample_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     shared and the main process writes.
     """
     start = time.time()
+    check_output_dir(out_dir)  # before any sampling: an existing file there fails in a second, not after minutes
     state, _ = _distributed(None)
     device = torch.device(device) if device is not None else state.device
     if device.type == "cuda":

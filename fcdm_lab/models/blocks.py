@@ -256,6 +256,9 @@ def options_class(block_cls: type) -> type:
     return dataclasses.make_dataclass(f"{block_cls.__name__}Options", fields)
 
 
+MAX_KERNEL = 63  # the paper's 3-7; larger than any feature map of a 512x512 latent model's inner levels
+
+
 def resolve_block_spec(spec: Dict[str, Any] | None, where: str = "block") -> Dict[str, Any]:
     """Validate a block spec against its family's declared options and fill in the defaults.
     `where` names the spec in messages ("model.block"). Raises a one-line UserError on bad input."""
@@ -272,8 +275,8 @@ def resolve_block_spec(spec: Dict[str, Any] | None, where: str = "block") -> Dic
         raise UserError(f"{where}: unknown option {unknown[0]!r} for block family {family!r}; "
                         f"valid: {choices(['family', *cls.OPTIONS])}")
     resolved = dataclasses.asdict(from_dict(options_class(cls), spec, prefix=f"{where}."))
-    if "kernel" in resolved and (resolved["kernel"] < 1 or resolved["kernel"] % 2 == 0):
-        raise UserError(f"{where}.kernel must be an odd positive integer, got {resolved['kernel']}")
+    if "kernel" in resolved and not (1 <= resolved["kernel"] <= MAX_KERNEL and resolved["kernel"] % 2):
+        raise UserError(f"{where}.kernel must be an odd integer from 1 to {MAX_KERNEL}, got {resolved['kernel']}")
     if "mixer" in resolved:  # an option named `mixer` names a registered channel mixer
         try:
             MIXERS.get(resolved["mixer"])

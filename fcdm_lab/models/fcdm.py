@@ -171,6 +171,11 @@ class FCDM(PretrainedMixin, ModelMixin, ConfigMixin, GuidedModelMixin):
         return self.final_layer(self.output_layer(x), c1).contiguous()
 
 
+# Upper limits: far beyond the paper's models (L 2-3, C 128-512, 32-64 latents), yet small enough that
+# building or counting a model never runs for minutes or overflows a storage size.
+MAX_L, MAX_C, MAX_INPUT = 64, 16384, 4096
+
+
 def validate_fcdm_args(input_size: int, in_channels: int, num_classes: int, L: int, C: int) -> None:
     def need(cond: bool, msg: str):
         if not cond:
@@ -180,9 +185,13 @@ def validate_fcdm_args(input_size: int, in_channels: int, num_classes: int, L: i
                     ("num_classes", num_classes), ("L", L), ("C", C)):
         need(isinstance(v, int) and not isinstance(v, bool), f"{name} must be an integer, got {v!r}")
     need(L >= 1, f"L (blocks per level) must be >= 1, got {L}")
+    need(L <= MAX_L, f"L (blocks per level) must be at most {MAX_L} (FCDM-XL has 3), got {L}")
     need(C >= 8 and C % 2 == 0, f"C (width) must be an even integer >= 8, got {C}")
+    need(C <= MAX_C, f"C (width) must be at most {MAX_C} (FCDM-XL has 512), got {C}")
     need(input_size >= 4 and input_size % 4 == 0,
          f"input size must be divisible by 4 (two 2x downsamplings), got {input_size}")
+    need(input_size <= MAX_INPUT, f"input size must be at most {MAX_INPUT} (a 512x512 image is 64 latents), "
+                                  f"got {input_size}")
     need(in_channels >= 1, f"in_channels must be >= 1, got {in_channels}")
     need(num_classes >= 1, f"num_classes must be >= 1, got {num_classes}")
 

@@ -10,6 +10,7 @@ GMACs are counted on the meta device (no memory, no compute), so solving costs a
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict
 
@@ -94,6 +95,8 @@ def match_flops(kwargs: Dict[str, Any], knob: str, target_gmacs: float | None = 
         raise UserError(f"unknown compute-matching knob {knob!r}; valid: {choices(KNOBS)}")
     kwargs = copy.deepcopy(kwargs)
     spec = resolve_block_spec(kwargs.get("block"))
+    if target_gmacs is not None and not (math.isfinite(target_gmacs) and target_gmacs > 0):
+        raise UserError(f"the compute-matching target must be a positive number of GMACs, got {target_gmacs}")
     target = default_target(kwargs) if target_gmacs is None else float(target_gmacs)
 
     if knob == "width":

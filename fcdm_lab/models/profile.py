@@ -29,10 +29,15 @@ PAPER_GMACS = {
 }
 
 
+MAX_RESOLUTION = 16384
+
+
 def input_shape(resolution: int, pixel: bool = False, in_channels: int | None = None) -> tuple[int, int, int]:
     """Image side -> model input (C, H, W): SD-VAE latents (side/8, 4 channels) unless `pixel`."""
-    if resolution < 1:
-        raise UserError(f"resolution must be a positive image side in pixels, got {resolution}")
+    if not 1 <= resolution <= MAX_RESOLUTION:
+        raise UserError(f"resolution must be an image side from 1 to {MAX_RESOLUTION} pixels, got {resolution}")
+    if in_channels is not None and in_channels < 1:
+        raise UserError(f"in_channels must be >= 1, got {in_channels}")
     if pixel:
         return (in_channels or 3, resolution, resolution)
     if resolution % 8:

@@ -395,7 +395,7 @@ def build_report(run_id: str, uri: str | None = None, against_paper: Optional[bo
     from ..eval.evaluate import metric_key
     from ..tracking import get_client, get_run
 
-    client = get_client(uri)
+    client = get_client(uri, existing=True)
     parent = get_run(run_id, client=client)
     tags = parent.data.tags
     if tags.get("kind") != "ablation":

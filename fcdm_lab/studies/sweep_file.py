@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from ..config import load_experiment, read_toml, resolve_named_file
+from ..config import check_base, load_experiment, read_toml, resolve_named_file
 from ..errors import UserError, choices
 from .spec import STUDIES_DIR, SECTIONS, flatten_overrides, lower_is_better, strict_table, typed_value
 
@@ -240,8 +240,9 @@ def load_sweep(name_or_path: str | Path) -> SweepSpec:
     if len(budget_raw) != 1:
         raise UserError(f"{bwhere}: give exactly one of steps = N or compute = GMACs x steps")
     budget = Budget(**budget_raw)
-    if (budget.steps is not None and budget.steps < 1) or (budget.compute is not None and budget.compute <= 0):
-        raise UserError(f"{bwhere}: the budget must be positive, got {budget_raw}")
+    if (budget.steps is not None and budget.steps < 1) or (budget.compute is not None and not (
+            math.isfinite(budget.compute) and budget.compute > 0)):
+        raise UserError(f"{bwhere}: the budget must be a positive, finite number, got {budget_raw}")
 
     space_raw: Dict[str, Any] = {}
     for name, raw in top["space"].items():  # unquoted `train.lr = {...}` arrives as {"train": {"lr": {...}}}
@@ -278,6 +279,7 @@ def load_sweep(name_or_path: str | Path) -> SweepSpec:
     if spec.sampler == "grid":
         for p in spec.space:
             p.grid()
+    check_base(path, spec.base)
     try:  # the base experiment with the sweep's `set`, through the same typed checks: fails at load time
         load_experiment(spec.base_path(), overrides)
     except UserError as e:
