@@ -29,7 +29,8 @@ def train(experiment: str = "tiny-digits", *, steps: int | None = None, seed: in
     runs/<experiment>). Returns the TrainResult (out_dir, step, checkpoint, final_loss, ...); with
     track=True the run is logged to MLflow (its id is in `<out_dir>/mlflow_run.json`).
     """
-    from .config import load_experiment, parse_override
+    from .config import load_experiment
+    from .schema import parse_override
 
     items = dict(parse_override(o) for o in overrides) if isinstance(overrides, (list, tuple)) else dict(overrides or {})
     if steps is not None:

@@ -55,7 +55,7 @@ UriOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default
 
 
 def _overrides(items: Optional[List[str]]) -> dict:
-    from .config import parse_override
+    from .schema import parse_override
 
     return dict(parse_override(i) for i in (items or []))
 

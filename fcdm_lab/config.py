@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import keyword
 import math
-import re
-import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +17,7 @@ from typing import Any, Dict, List, Optional
 
 from .bundled import EXPERIMENTS_DIR
 from .errors import UserError, choices
+from .schema import apply_overrides, check_name, from_dict, parse_override, read_toml, resolve_named_file
 
 
 
@@ -125,103 +122,6 @@ class ExperimentConfig:
 # Strict conversion from plain dicts
 # ---------------------------------------------------------------------------------------------
 
-# One coercion policy for every file and override: experiments, studies, sweeps and block options.
-#   int   <- an integer, or a float with a whole value (1e3 -> 1000, 64.0 -> 64); 64.5 is an error
-#   float <- a finite float or an integer (3 -> 3.0); nan and inf are errors
-#   bool  <- true / false only (not 0 / 1, not "true")
-#   str   <- a string only: strings never become numbers or booleans ("1e-3", "5" are errors)
-#   list, list[T], dict <- a TOML array / table (items by the same rules); Optional[T] <- T or unset
-# Anything else is a one-line UserError naming the key, the value and the type wanted.
-TYPE_NAMES = {int: "int (a whole number)", float: "float (a number)", bool: "bool (true or false)",
-              str: "str (a quoted string)", list: "a list", dict: "a table"}
-
-
-def _type_name(tp: Any) -> str:
-    return TYPE_NAMES.get(typing.get_origin(tp) or tp, getattr(tp, "__name__", str(tp)).replace("typing.", ""))
-
-
-def check_value(key: str, value: Any, tp: Any) -> Any:
-    """`value` converted to the type `tp` under the policy above, or a UserError naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None and len(args) < len(typing.get_args(tp)):
-            return None
-        if len(args) == 1:  # Optional[T]: T's own message
-            return check_value(key, value, args[0])
-        for arg in args:
-            try:
-                return check_value(key, value, arg)
-            except UserError:
-                pass
-        raise UserError(f"{key} must be {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if tp in (list, List) or origin in (list, List):
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{key} must be a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        return [check_value(f"{key}[]", v, item_tp) for v in value]
-    if tp in (dict, Dict) or origin in (dict, Dict):
-        if not isinstance(value, dict):
-            raise UserError(f"{key} must be a table, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if isinstance(value, bool) != (tp is bool):  # bools are ints in Python, never in a config
-        raise UserError(f"{key} must be {_type_name(tp)}, got {value!r}")
-    if tp is float and isinstance(value, (int, float)) and not math.isfinite(value):
-        raise UserError(f"{key} must be a finite number, got {value!r}")
-    if tp is float and isinstance(value, int):
-        return float(value)
-    if tp is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if not isinstance(value, tp):
-        raise UserError(f"{key} must be {_type_name(tp)}, got {value!r}")
-    return value
-
-
-def from_dict(cls: type, data: Dict[str, Any], where: str = "", prefix: str = "") -> Any:
-    """Build the dataclass `cls` from a plain dict (a TOML table): an unknown key, a missing
-    required key (a field without a default) or a wrong type is a one-line UserError; dataclass-typed
-    fields are read from sub-tables. `where` (e.g. "study 'x' (path)") prefixes every message;
-    `prefix` is the dotted path of `data` ("train.")."""
-    loc = f"{where}: " if where else ""
-    if not isinstance(data, dict):
-        raise UserError(f"{loc}{prefix.rstrip('.') or 'the file'} must be a table, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.metadata.get("key", f.name): f for f in dataclasses.fields(cls)}  # "key": a keyword such as `is`
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        section = f" in [{prefix.rstrip('.')}]" if prefix else ""
-        raise UserError(f"{loc}unknown key '{prefix}{unknown[0]}'{section}; valid: {choices(fields)}")
-    kwargs = {}
-    for key, f in fields.items():
-        if key not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                help_ = f.metadata.get("help")
-                raise UserError(f"{loc}missing key '{prefix}{key}'" + (f" ({help_})" if help_ else ""))
-            continue
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = from_dict(tp, data[key], where, f"{prefix}{key}.")
-        else:
-            try:
-                kwargs[f.name] = check_value(f"{prefix}{key}", data[key], tp)
-            except UserError as e:
-                raise UserError(f"{loc}{e}") from None
-    return cls(**kwargs)
-
-
-def table_class(name: str, keys: Dict[str, tuple]) -> type:
-    """A dataclass for a table declared as {key: (type, required, help)} (study and sweep files):
-    optional keys default to None, so `from_dict` applies the same policy as to experiments."""
-    spec = []
-    for k, (typ, required, help_) in sorted(keys.items(), key=lambda kv: not kv[1][1]):  # required first
-        meta = {"help": help_, "key": k}
-        spec.append((f"{k}_" if keyword.iskeyword(k) else k, typ if required else Optional[typ],
-                     field(metadata=meta) if required else field(default=None, metadata=meta)))
-    return dataclasses.make_dataclass(name, spec)
-
-
 def _check_block(model: "ModelConfig", where: str) -> Dict[str, Any]:
     """An FCDM block spec checked against its family's declared options (and coerced by the same
     policy) when the config loads, so a typo fails before anything trains. Only the keys given are
@@ -298,19 +198,6 @@ def validate(cfg: ExperimentConfig) -> None:
         raise UserError(f"diffusion.beta_start ({d.beta_start}) must be <= diffusion.beta_end ({d.beta_end})")
 
 
-# Names become folder names (runs/<name>) and MLflow run names: no separators, no leading dot.
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def check_name(kind: str, value: Any) -> str:
-    """An experiment, study or variant name: letters, digits and . _ - (not first), at most 128
-    characters; so `runs/<name>` stays inside `runs/`. Returns the name; a UserError otherwise."""
-    if not isinstance(value, str) or not SAFE_NAME.match(value):
-        raise UserError(f"{kind} {value!r} is not allowed: use letters, digits and . _ - (starting with a letter "
-                        f"or digit, at most 128 characters); it names the run folder")
-    return value
-
-
 # ---------------------------------------------------------------------------------------------
 # Files and overrides
 # ---------------------------------------------------------------------------------------------
@@ -319,74 +206,13 @@ def experiment_names() -> List[str]:
     return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml"))
 
 
-def resolve_named_file(name_or_path: str | Path, folder: Path, kind: str, names: List[str],
-                       accept=None) -> Path:
-    """A `kind` is a path to a TOML file or the name of one in `folder` (`accept(path)` may refuse
-    a bundled file of another kind). Unknown names raise a UserError listing `names`."""
-    p = Path(name_or_path)
-    if p.is_dir():
-        raise UserError(f"{kind} {str(p)!r} is a folder, not a .toml file; bundled {kind}s: {choices(names)}")
-    if p.suffix == ".toml" or p.is_file():
-        if not p.is_file():
-            raise UserError(f"{kind} file {str(p)!r} not found; bundled {kind}s: {choices(names)}")
-        return p
-    candidate = folder / f"{name_or_path}.toml"
-    if not candidate.is_file() or (accept is not None and not accept(candidate)):
-        raise UserError(f"unknown {kind} {str(name_or_path)!r}; available: {choices(names)} (or a path to a .toml file)")
-    return candidate
-
-
 def resolve_experiment_path(name_or_path: str) -> Path:
     """An experiment is a path to a TOML file or the name of one in `experiments/`."""
     return resolve_named_file(name_or_path, EXPERIMENTS_DIR, "experiment", experiment_names())
 
 
-def read_toml(path: Path) -> Dict[str, Any]:
-    """A TOML file as a dict; malformed TOML, text that is not UTF-8 (TOML's encoding) or an
-    unreadable file is a one-line UserError."""
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: malformed TOML: {e}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); TOML files are UTF-8: re-save it as UTF-8") from None
-    except IsADirectoryError:
-        raise UserError(f"{path} is a folder, not a .toml file") from None
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """'train.lr=3e-4' -> ('train.lr', 3e-4). The value is TOML; a bare word is a string."""
-    if "=" not in item:
-        raise UserError(f"--set expects key=value, got {item!r}")
-    key, raw = item.split("=", 1)
-    key, raw = key.strip(), raw.strip()
-    if not key:
-        raise UserError(f"--set expects key=value, got {item!r}")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key, value
-
-
-def apply_overrides(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
-    """Set dotted keys in a nested dict (a copy). Validation happens when the dict is converted."""
-    data = copy.deepcopy(data)
-    for key, value in overrides.items():
-        parts = key.split(".")
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UserError(f"cannot set {key!r}: {part!r} is not a section")
-        node[parts[-1]] = value
-    return data
-
-
-def _sections() -> List[str]:
-    """The experiment's sections: [model], [data], ... (its dataclass-typed fields)."""
-    return [name for name, tp in typing.get_type_hints(ExperimentConfig).items() if dataclasses.is_dataclass(tp)]
+# The experiment's sections: [model], [data], ... (its dataclass-typed fields)
+SECTIONS = tuple(name for name, tp in typing.get_type_hints(ExperimentConfig).items() if dataclasses.is_dataclass(tp))
 
 
 def merge_experiment(base: Dict[str, Any], data: Dict[str, Any]) -> Dict[str, Any]:
@@ -395,7 +221,7 @@ def merge_experiment(base: Dict[str, Any], data: Dict[str, Any]) -> Dict[str, An
     out = copy.deepcopy(base)
     out.pop("name", None)  # a file's name is its own (its `name` key or its file name)
     for key, value in data.items():
-        if key in _sections() and isinstance(value, dict) and isinstance(out.get(key), dict):
+        if key in SECTIONS and isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = {**out[key], **copy.deepcopy(value)}
         else:
             out[key] = copy.deepcopy(value)

@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fcdm_lab.config import (EXPERIMENTS_DIR, apply_overrides, config_from_dict, experiment_data, experiment_names,
-                             load_experiment)
+from fcdm_lab.config import SECTIONS, EXPERIMENTS_DIR, config_from_dict, experiment_data, experiment_names, load_experiment
 from fcdm_lab.errors import UserError
 from fcdm_lab.models.build import build_model
 from fcdm_lab.models.matching import TOLERANCE
 from fcdm_lab.models.info import model_info_for
-from fcdm_lab.studies.spec import (STUDIES_DIR, flatten_overrides, load_study, plan_study,
-                                   study_kind)
+from fcdm_lab.schema import apply_overrides, flatten_overrides
+from fcdm_lab.studies.spec import STUDIES_DIR, load_study, plan_study, study_kind
 
 # Shapes of datasets that are not on this machine: (input side, channels, classes).
 KNOWN_SHAPES = {"mnist": (28, 1, 10), "fashion-mnist": (28, 1, 10), "cifar10": (32, 3, 10)}
@@ -115,7 +114,7 @@ def test_study_file_parses_and_builds(name):
     if study_kind(path) == "sweep":
         # Optuna sweeps are run and tested by the sweep module; here: the base and its overrides load.
         data = tomllib.loads(path.read_text())
-        config_from_dict(apply_overrides(experiment_data(data["base"]), flatten_overrides(data.get("set", {}), name)))
+        config_from_dict(apply_overrides(experiment_data(data["base"]), flatten_overrides(data.get("set", {}), name, SECTIONS)))
         with pytest.raises(UserError, match="is a sweep"):
             load_study(name)
         return

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError, choices
+from ..schema import check_value, from_dict
 from .registry import BLOCKS, MIXERS
 
 
@@ -249,7 +250,7 @@ DEFAULT_BLOCK: Dict[str, Any] = {"family": "convnext"}
 @functools.lru_cache(maxsize=None)
 def options_class(block_cls: type) -> type:
     """A block family's declared OPTIONS as a dataclass, so a block spec loads through the same
-    typed validation (config.from_dict) as experiment files."""
+    typed validation (schema.from_dict) as experiment files."""
     fields = [("family", str, dataclasses.field(default=None))]
     fields += [(k, typ, dataclasses.field(default=default, metadata={"help": help_}))
                for k, (typ, default, help_) in block_cls.OPTIONS.items()]
@@ -262,8 +263,6 @@ MAX_KERNEL = 63  # the paper's 3-7; larger than any feature map of a 512x512 lat
 def resolve_block_spec(spec: Dict[str, Any] | None, where: str = "block") -> Dict[str, Any]:
     """Validate a block spec against its family's declared options and fill in the defaults.
     `where` names the spec in messages ("model.block"). Raises a one-line UserError on bad input."""
-    from ..config import check_value, from_dict
-
     spec = dict(DEFAULT_BLOCK if spec is None else spec)
     family = check_value(f"{where}.family", spec.setdefault("family", "convnext"), str)
     try:

@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterable, List, Sequence
 import torch
 
 from ..errors import UserError, choices
+from ..schema import check_value
 from . import create_model, model_family, valid_model_kwargs
 from .blocks import resolve_block_spec
 from .flops import count_gmacs, count_params
@@ -62,7 +63,6 @@ def split_overrides(name: str, overrides: Dict[str, Any]) -> tuple[Dict[str, Any
         else:
             valid = sorted(model_keys | (block_keys if fcdm else set()))
             raise UserError(f"unknown --set key {key!r} for {name}; valid: {choices(valid)}")
-    from ..config import check_value  # the one coercion policy of experiment files
 
     for key in ("L", "C"):
         if key in model_kw:

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from ..bundled import STUDIES_DIR
-from ..config import (ExperimentConfig, apply_overrides, check_base, check_value, config_from_dict, experiment_data, from_dict,
-                      parse_override, read_toml, resolve_experiment_path, resolve_named_file, table_class)
+from ..config import SECTIONS, ExperimentConfig, check_base, config_from_dict, experiment_data, resolve_experiment_path
+from ..schema import (apply_overrides, flatten_overrides, parse_override, read_toml, resolve_named_file, strict_table,
+                      typed_value)
 from ..errors import UserError, choices
 from ..models.info import model_info_for
 
@@ -61,7 +62,6 @@ VARIANT_KEYS: Dict[str, tuple] = {
     "paper": (dict, False, "the paper's row: gflops, fid, is"),
 }
 PAPER_KEYS = ("gflops", "fid", "is")
-SECTIONS = ("model", "data", "diffusion", "train", "eval")
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # used in folder names and MLflow filters
 
 
@@ -148,39 +148,6 @@ def resolve_study_path(name_or_path: str | Path) -> Path:
     return resolve_named_file(name_or_path, STUDIES_DIR, "study", study_names())
 
 
-def typed_value(where: str, key: str, value: Any, typ: type) -> Any:
-    """`value` as `typ` under config.py's one coercion policy (config.check_value)."""
-    try:
-        return check_value(key, value, typ)
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
-
-
-def strict_table(where: str, data: Mapping[str, Any], keys: Dict[str, tuple]) -> Dict[str, Any]:
-    """Check a TOML table declared as keys = {name: (type, required, help)} through the typed
-    dataclass validation of config.py (unknown, missing or mistyped key -> one-line UserError).
-    Returns the keys given, converted."""
-    table = from_dict(table_class("Table", keys), dict(data), where)
-    return {f.metadata["key"]: getattr(table, f.name) for f in dataclasses.fields(table) if f.metadata["key"] in data}
-
-
-def flatten_overrides(data: Mapping[str, Any], where: str) -> Dict[str, Any]:
-    """`{"model.block" = {...}}` and `{model = {block = {...}}}` both -> {"model.block": {...}}.
-
-    Tables are walked through the config's sections only: `model.block` is itself a table value
-    and must be set whole (or key by key with dotted keys such as "model.block.kernel")."""
-    out: Dict[str, Any] = {}
-    for key, value in data.items():
-        if key in SECTIONS:
-            if not isinstance(value, dict):
-                raise UserError(f"{where}: {key!r} is a config section; set its keys, e.g. \"{key}.KEY\" = VALUE")
-            for sub, v in value.items():
-                out[f"{key}.{sub}"] = v
-        else:
-            out[key] = value
-    return out
-
-
 def load_study(name_or_path: str | Path) -> StudySpec:
     path = resolve_study_path(name_or_path)
     data = read_toml(path)
@@ -202,7 +169,7 @@ def load_study(name_or_path: str | Path) -> StudySpec:
         paper = None
         if "paper" in v:
             paper = strict_table(f"{vwhere}, paper", v["paper"], {k: (float, False, "") for k in PAPER_KEYS})
-        overrides = flatten_overrides(v.get("set", {}), vwhere)
+        overrides = flatten_overrides(v.get("set", {}), vwhere, SECTIONS)
         if "train.seed" in overrides:
             raise UserError(f"{vwhere}: variants may not set train.seed (seeds are paired across variants; "
                             f"set it in the study's `set` instead)")
@@ -220,7 +187,7 @@ def load_study(name_or_path: str | Path) -> StudySpec:
                      description=top.get("description", ""), seeds=top.get("seeds", 1), steps=top.get("steps"),
                      metrics=list(top.get("metrics", [])), primary=top.get("primary", ""),
                      compute_matched=top.get("compute_matched", True), baseline=top.get("baseline", names[0]),
-                     set=flatten_overrides(top.get("set", {}), where))
+                     set=flatten_overrides(top.get("set", {}), where, SECTIONS))
     for m in spec.metrics:
         typed_value(where, "metrics[]", m, str)
     if spec.seeds < 1:

@@ -39,7 +39,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from ..config import ExperimentConfig, check_name, load_experiment
+from ..config import ExperimentConfig, load_experiment
+from ..schema import check_name
 from ..errors import UserError, choices
 from ..urls import without_password
 from .engine import PARENT_ATTR, URI_ATTR, Launcher, check_parent_reachable, claim_waiting, run_workers, work

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from ..config import check_base, load_experiment, read_toml, resolve_named_file
+from ..config import SECTIONS, check_base, load_experiment
 from ..errors import UserError, choices
-from .spec import STUDIES_DIR, SECTIONS, flatten_overrides, lower_is_better, strict_table, typed_value
+from ..schema import flatten_overrides, read_toml, resolve_named_file, strict_table, typed_value
+from .spec import STUDIES_DIR, lower_is_better
 
 SAMPLERS = ("nsga2", "tpe", "random", "grid")
 PRUNERS = ("none", "median", "hyperband")
@@ -258,7 +259,7 @@ def load_sweep(name_or_path: str | Path) -> SweepSpec:
     if len(set(keys)) != len(keys):
         raise UserError(f"{where}: two space entries set the same experiment key ({choices(keys)})")
 
-    overrides = flatten_overrides(top.get("set", {}), where)
+    overrides = flatten_overrides(top.get("set", {}), where, SECTIONS)
     clash = sorted(set(overrides) & (set(keys) | {"train.steps"}))
     if clash:
         raise UserError(f"{where}: set.{clash[0]} is decided by the sweep (the space table or the budget); remove it")
