@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fcdm_lab.data.registry import DATASETS, DataRequest, DataSplit
 from fcdm_lab.errors import UserError, choices
 
 FORMAT = "fcdm-lab-latents"
@@ -315,6 +316,21 @@ def _read_meta(path: str) -> dict:
     if missing:
         raise UserError(f"latent store {path} is invalid: meta.json lacks {choices(missing)}")
     return meta
+
+
+# data.path / data.test_path: a store each. No random flip: the store's flip mode, chosen at extraction,
+# is the augmentation (data.random_flip is ignored). data.image_size may name the store's pixel or
+# latent side; it changes nothing.
+@DATASETS.register("latents", random_flip=None, path="latent store folder")
+def build_latents(req: DataRequest) -> DataSplit:
+    store = LatentStore(req.path)
+    pixel_size = store.meta.get("image_size")
+    if req.image_size is not None and req.image_size not in (pixel_size, store.shape[-1]):
+        raise UserError(f"data.image_size {req.image_size} does not match latent store {store.path} "
+                        f"(images {pixel_size}, latents {store.shape[-1]}); set it to null")
+    return DataSplit(store, channels=store.shape[0], image_size=store.shape[-1], num_classes=store.num_classes,
+                     fingerprint=hashlib.sha256(store.fingerprint.encode()).hexdigest()[:16],
+                     vae={"id": store.vae, "scale_factor": store.scale_factor})
 
 
 # ---------------------------------------------------------------------------------------------
