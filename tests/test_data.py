@@ -12,6 +12,7 @@ from PIL import Image
 
 from fcdm_lab.data import (DATASETS, ImageFolderDataset, LatentStore, build_dataset, center_crop_arr,
                            digits_arrays, extract_latents, load_digits_split, load_vae, write_latent_store)
+from fcdm_lab.data.images import TORCHVISION_DATASETS
 from fcdm_lab.errors import UserError
 
 
@@ -72,7 +73,7 @@ def test_build_digits_info_and_fingerprint():
 def test_build_rejects_bad_config():
     with pytest.raises(UserError) as e:
         build_dataset({"name": "imagenet"})
-    assert all(n in str(e.value) for n in DATASETS)
+    assert DATASETS.names() and all(n in str(e.value) for n in DATASETS.names())
     with pytest.raises(UserError, match="valid keys"):
         build_dataset({"name": "digits", "imge_size": 16})
     with pytest.raises(UserError, match="path"):
@@ -168,7 +169,14 @@ def test_build_image_folder_fingerprint(tmp_path):
 # torchvision datasets offline
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+TORCHVISION_NAMES = [n for n in DATASETS.names() if n in TORCHVISION_DATASETS]  # registered by data/images.py
+
+
+def test_torchvision_datasets_are_registered():
+    assert TORCHVISION_NAMES == list(TORCHVISION_DATASETS)
+
+
+@pytest.mark.parametrize("name", TORCHVISION_NAMES)
 def test_torchvision_download_failure_is_fast_user_error(tmp_path, monkeypatch, name):
     def no_dns(*args, **kwargs):
         raise socket.gaierror(-2, "Name or service not known")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from fcdm_lab.data.registry import DATASETS, DataRequest, DataSplit
 from fcdm_lab.errors import UserError, choices
 
 SPLITS = ("train", "test")
@@ -86,3 +87,11 @@ def digits_fingerprint(split: str, image_size: int | None = None) -> str:
     h.update(x.tobytes())
     h.update(y.tobytes())
     return h.hexdigest()[:16]
+
+
+# Mirroring would turn digits into other glyphs: no random flip by default.
+@DATASETS.register("digits", random_flip=False)
+def build_digits(req: DataRequest) -> DataSplit:
+    return DataSplit(load_digits_split(req.split, req.image_size), channels=1,
+                     image_size=req.image_size or NATIVE_SIZE, num_classes=NUM_CLASSES,
+                     fingerprint=digits_fingerprint(req.split, req.image_size))

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from fcdm_lab.data.registry import DATASETS, DataRequest, DataSplit
 from fcdm_lab.errors import UserError, choices
 
 NAME = "fashion-mnist"
@@ -174,3 +175,11 @@ class FashionMNIST(Dataset):
         h.update(raw_x.tobytes())
         h.update(raw_y.tobytes())
         return h.hexdigest()[:16]
+
+
+# IDX files: Debian's dataset-fashion-mnist, data.path, or downloaded (data.download, default false).
+@DATASETS.register(NAME, random_flip=False)
+def build_fashion(req: DataRequest) -> DataSplit:
+    dataset = FashionMNIST(req.split, req.image_size, req.path, download=bool(req.download))
+    return DataSplit(dataset, channels=1, image_size=dataset.image_size, num_classes=NUM_CLASSES,
+                     fingerprint=dataset.fingerprint())

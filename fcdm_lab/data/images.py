@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 
+from fcdm_lab.data.registry import DATASETS, DataRequest, DataSplit
 from fcdm_lab.errors import UserError, choices
 
 
@@ -90,6 +91,15 @@ class ImageFolderDataset(tv_datasets.ImageFolder):
             rel = os.path.relpath(path, self.root)
             h.update(f"{rel}\0{label}\0{os.path.getsize(path)}\n".encode())
         return h.hexdigest()[:16]
+
+
+# Mirroring helps natural images: a random flip by default. The dataset flips itself (its transform).
+@DATASETS.register("imagefolder", random_flip=True, path="image folder root",
+                   requires_image_size="images are centre-cropped to it")
+def build_image_folder(req: DataRequest) -> DataSplit:
+    dataset = ImageFolderDataset(req.path, req.image_size, random_flip=req.random_flip)
+    return DataSplit(dataset, channels=dataset.channels, image_size=req.image_size,
+                     num_classes=dataset.num_classes, fingerprint=dataset.fingerprint(), flipped=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,3 +190,16 @@ class TorchvisionDataset(Dataset):
         h.update(np.ascontiguousarray(np.asarray(self.base.data)).tobytes())
         h.update(np.asarray(self.base.targets, dtype=np.int64).tobytes())
         return h.hexdigest()[:16]
+
+
+def build_torchvision(name: str, req: DataRequest) -> DataSplit:
+    """One of TORCHVISION_DATASETS; data.path is the download root, data.download defaults to true."""
+    dataset = TorchvisionDataset(name, req.path, req.split, req.image_size, random_flip=req.random_flip,
+                                 download=True if req.download is None else req.download)
+    return DataSplit(dataset, channels=dataset.channels, image_size=dataset.image_size,
+                     num_classes=dataset.num_classes, fingerprint=dataset.fingerprint(), flipped=True)
+
+
+# Mirroring helps natural images (cifar10); it would turn digits into other glyphs (mnist).
+DATASETS.register("mnist", random_flip=False)(functools.partial(build_torchvision, "mnist"))
+DATASETS.register("cifar10", random_flip=True)(functools.partial(build_torchvision, "cifar10"))
