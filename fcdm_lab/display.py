@@ -89,7 +89,12 @@ def print_profile_table(rows: List[Dict[str, Any]], console: Console) -> None:
 
 
 def print_blocks(console: Console) -> None:
+    """`fcdm-lab blocks`: every block family and channel mixer with its declared options."""
+    from .models.blocks import MixerSpec
     from .models.registry import BLOCKS, MIXERS
+
+    def type_name(typ) -> str:
+        return "mixer" if typ == MixerSpec else getattr(typ, "__name__", str(typ))
 
     t = Table(title="block families (model.block = { family = ..., option = value })")
     t.add_column("family")
@@ -100,15 +105,23 @@ def print_blocks(console: Console) -> None:
     for name, cls in BLOCKS.items():
         first = True
         for opt, (typ, default, doc) in cls.OPTIONS.items():
-            t.add_row(name if first else "", opt, typ.__name__, repr(default), doc)
+            t.add_row(name if first else "", opt, type_name(typ), repr(default), doc)
             first = False
         t.add_section()
     console.print(t)
-    m = Table(title="channel mixers (option mixer = ...)")
+    m = Table(title='channel mixers (mixer = "name", or mixer = { name = "name", option = value })')
     m.add_column("mixer")
     m.add_column("what it is")
-    for name, _ in MIXERS.items():
-        m.add_row(name, MIXERS.meta(name).get("doc", ""))
+    m.add_column("option")
+    m.add_column("type")
+    m.add_column("default")
+    m.add_column("meaning")
+    for name, cls in MIXERS.items():
+        options = list(getattr(cls, "OPTIONS", {}).items()) or [(None, (None, None, ""))]
+        for i, (opt, (typ, default, doc)) in enumerate(options):
+            m.add_row(name if i == 0 else "", MIXERS.meta(name).get("doc", "") if i == 0 else "",
+                      opt or "-", type_name(typ) if opt else "", repr(default) if opt else "", doc)
+        m.add_section()
     console.print(m)
     console.print("Compute matching knobs (model.match_flops / --match): ratio, ffn_ratio, width")
 

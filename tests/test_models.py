@@ -1,14 +1,17 @@
 """FCDM backbone, block registry, compute matching and the profiler (facts sections 2-6, 10)."""
 import itertools
+import json
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+import tomli_w
 import torch
 
 from fcdm_lab.errors import UserError
 from fcdm_lab.models import FCDM, create_model
-from fcdm_lab.models.blocks import build_block, resolve_block_spec
+from fcdm_lab.models.blocks import MixerSpec, build_block, resolve_block_spec, resolve_mixer_spec
 from fcdm_lab.models.flops import count_gmacs, count_params
 from fcdm_lab.models.matching import KNOBS, match_flops
 from fcdm_lab.models.profile import profile_model
@@ -94,18 +97,32 @@ def test_reference_checkpoint_loads_strict_and_matches_numerics(tmp_path):
 
 
 def option_values(name, typ, default):
-    """Values worth testing for one declared block option, derived from its declaration only: both
-    booleans, every registered mixer for an option named `mixer` (the registry it names), and the
+    """Values worth testing for one declared block or mixer option, derived from its declaration
+    only: both booleans, every mixer spec for an option of type MixerSpec (`mixer_specs`), and the
     default plus one other value for numbers (odd stays odd for kernels)."""
     if typ is bool:
         return [False, True]
-    if name == "mixer":
-        return MIXERS.names()
+    if typ == MixerSpec:
+        return list(mixer_specs())
     if typ is int:
         return [default, max(1, default - 2)]
     if typ is float:
         return [default, default / 2]
     return [default]
+
+
+def mixer_specs():
+    """Every registered mixer by name, then each option it declares moved on its own (a table):
+    a new mixer or mixer option adds cases without a test edit."""
+    for name, cls in MIXERS.items():
+        yield name
+        for k, (typ, default, _) in getattr(cls, "OPTIONS", {}).items():
+            yield from ({"name": name, k: v} for v in option_values(k, typ, default)[1:])
+
+
+def _spec_id(spec):
+    return "-".join("+".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else f"{v}"
+                    for v in spec.values())
 
 
 def _block_specs():
@@ -114,7 +131,7 @@ def _block_specs():
     adds cases here without a test edit."""
     for family, cls in BLOCKS.items():
         values = {k: option_values(k, typ, default) for k, (typ, default, _) in cls.OPTIONS.items()}
-        switches = {k: v for k, v in values.items() if cls.OPTIONS[k][0] is bool or k == "mixer"}
+        switches = {k: v for k, v in values.items() if cls.OPTIONS[k][0] in (bool, MixerSpec)}
         for combo in itertools.product(*switches.values()):
             yield {"family": family, **dict(zip(switches, combo))}
         for k, vals in values.items():
@@ -122,7 +139,7 @@ def _block_specs():
                 yield from ({"family": family, k: v} for v in vals[1:])
 
 
-@pytest.mark.parametrize("spec", list(_block_specs()), ids=lambda s: "-".join(f"{v}" for v in s.values()))
+@pytest.mark.parametrize("spec", list(_block_specs()), ids=_spec_id)
 def test_every_block_combination(spec):
     torch.manual_seed(0)
     blk = build_block(16, spec)
@@ -188,6 +205,9 @@ def test_registry_rejects_duplicates_and_lists_valid_names():
 @pytest.mark.parametrize("spec,msg", [
     ({"family": "no-such-family"}, f"unknown block family 'no-such-family'; valid: {', '.join(BLOCKS.names())}$"),
     ({"mixer": "no-such-mixer"}, f"unknown channel mixer 'no-such-mixer'; valid: {', '.join(MIXERS.names())}$"),
+    ({"mixer": {"name": "no-such-mixer"}}, f"unknown channel mixer 'no-such-mixer'; valid: {', '.join(MIXERS.names())}$"),
+    ({"mixer": 3}, r"block.mixer must be str \(a quoted string\) or a table, got 3$"),
+    ({"mixer": {"rd_ratio": 0.5}}, "block.mixer: a mixer table needs 'name'"),
     ({"kernel": 4}, "odd"),
     ({"kernel": "big"}, "must be int"),
     ({"kernel": "5"}, "must be int"),  # strings never become numbers (config.check_value)
@@ -200,13 +220,54 @@ def test_bad_block_specs(spec, msg):
         resolve_block_spec(spec)
 
 
+@pytest.mark.parametrize("spec", list(mixer_specs()), ids=lambda s: s if isinstance(s, str) else _spec_id(s))
+def test_mixer_specs_resolve_to_a_canonical_form_that_round_trips(spec):
+    """A mixer without options resolves to its plain name (what older specs, tags and checkpoints
+    say); one with options to a table of the name and every declared option. Either resolves to
+    itself and survives JSON (MLflow tags, config.json) and TOML (config.toml) unchanged."""
+    name = spec if isinstance(spec, str) else spec["name"]
+    options = getattr(MIXERS.get(name), "OPTIONS", {})
+    resolved = resolve_mixer_spec(spec)
+    if not options:
+        assert resolved == name and resolve_mixer_spec({"name": name}) == name
+    else:
+        defaults = {k: d for k, (_, d, _) in options.items()}
+        given = {} if isinstance(spec, str) else spec
+        assert resolved == {"name": name, **defaults, **{k: v for k, v in given.items() if k != "name"}}
+    assert resolve_mixer_spec(resolved) == resolved
+    assert json.loads(json.dumps(resolved)) == resolved
+    assert tomllib.loads(tomli_w.dumps({"mixer": resolved}))["mixer"] == resolved
+    block = resolve_block_spec({"mixer": spec})
+    assert block["mixer"] == resolved and resolve_block_spec(json.loads(json.dumps(block))) == block
+
+
+def _wrong_type(typ):
+    return "x" if typ in (int, float, bool) else 1.5
+
+
+@pytest.mark.parametrize("name", MIXERS.names())
+def test_bad_mixer_options_are_one_line_errors(name):
+    """Unknown and mistyped mixer options fail when the block spec resolves, naming the key and the
+    valid choices; derived from each mixer's declared OPTIONS."""
+    options = getattr(MIXERS.get(name), "OPTIONS", {})
+    with pytest.raises(UserError) as e:
+        resolve_block_spec({"mixer": {"name": name, "no_such_option": 1}}, where="model.block")
+    msg = str(e.value)
+    assert msg.startswith("model.block.mixer: ") and "'no_such_option'" in msg and "\n" not in msg
+    assert (f"valid: {', '.join(['name', *options])}" in msg) if options else "takes no options" in msg
+    for opt, (typ, default, _) in options.items():
+        with pytest.raises(UserError, match=rf"^model.block.mixer.{opt} must be "):
+            resolve_block_spec({"mixer": {"name": name, opt: _wrong_type(typ)}}, where="model.block")
+
+
 @pytest.mark.parametrize("family", BLOCKS.names())
 def test_block_options_resolve_to_declared_defaults(family):
     """A family's spec resolves to exactly its declared options (whatever they are), each default
     kept, whole floats accepted for ints and ints for floats (the one coercion policy)."""
     options = BLOCKS.get(family).OPTIONS
     resolved = resolve_block_spec({"family": family})
-    assert resolved == {"family": family, **{k: default for k, (_, default, _) in options.items()}}
+    assert resolved == {"family": family, **{k: resolve_mixer_spec(default) if typ == MixerSpec else default
+                                             for k, (typ, default, _) in options.items()}}
     loose = {k: (float(d) if typ is int else int(d) if typ is float and float(d).is_integer() else d)
              for k, (typ, d, _) in options.items()}
     again = resolve_block_spec({"family": family, **loose})

@@ -1,10 +1,17 @@
 """FCDM block components: channel mixers and block families, each registered by name.
 
 Every ablation axis of the paper is a constructor argument (timm style), never a new class:
-`kernel` (depthwise kernel size), `mixer` (grn | cca | none), `bottleneck` and `ratio` (the inverted
-bottleneck), `ffn` and `ffn_ratio` (an extra feed-forward module). Block families (`convnext`, the
-FCDM block, and `resnet`) share the adaLN-zero conditioning, the gated residual and the optional
-feed-forward through `AdaLNBlock`; a family only defines its main path.
+`kernel` (depthwise kernel size), `mixer` (grn | cca | se | none, with the mixer's own options),
+`bottleneck` and `ratio` (the inverted bottleneck), `ffn` and `ffn_ratio` (an extra feed-forward
+module). Block families (`convnext`, the FCDM block, and `resnet`) share the adaLN-zero conditioning,
+the gated residual and the optional feed-forward through `AdaLNBlock`; a family only defines its
+main path.
+
+Options are declared, never parsed by hand: a block family and a channel mixer each declare
+`OPTIONS = {name: (type, default, help)}`, and a spec is validated against them by the one coercion
+policy of `fcdm_lab.schema`. A block's `mixer` option is a mixer name (`"cca"`) or a table with the
+mixer's options (`{name = "se", rd_ratio = 0.25}`, as timm's `create_attn` takes keyword arguments);
+see `resolve_mixer_spec` for its canonical form.
 
 Speed: the trunk runs in channels_last memory, so `x.permute(0, 2, 3, 1)` is a free view and
 LayerNorm, modulation, GRN and the 1x1 convs (applied as `F.linear`) all work on contiguous
@@ -16,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Dict
+from typing import Any, Dict, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -30,6 +37,11 @@ from .registry import BLOCKS, MIXERS
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
+# The declared type of a block option that names a channel mixer: its name, or a table of the name
+# and the mixer's options. `resolve_block_spec` resolves every option of this type.
+MixerSpec = Union[str, Dict[str, Any]]
+
 
 def to_nhwc(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) in channels_last memory -> (B, H, W, C) contiguous, a free view."""
@@ -52,6 +64,11 @@ class Pointwise(nn.Conv2d):
         return F.linear(x, self.weight.view(self.out_channels, self.in_channels), self.bias)
 
 
+def hidden_channels(dim: int, ratio: float) -> int:
+    """Channels of an expansion or reduction: round(ratio * dim), at least 1."""
+    return max(1, int(round(dim * ratio)))
+
+
 def layer_norm_modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """LayerNorm without affine over channels, then adaLN: h*(1+scale)+shift. h is (B, H, W, C)."""
     h = F.layer_norm(h, h.shape[-1:], eps=1e-6)
@@ -59,7 +76,8 @@ def layer_norm_modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------
-# Channel mixers: (B, H, W, C) -> (B, H, W, C)
+# Channel mixers: (B, H, W, C) -> (B, H, W, C). A mixer is built as `cls(channels, **options)`;
+# a mixer with options declares them as `OPTIONS = {name: (type, default, help)}`.
 # ---------------------------------------------------------------------------------------------
 
 class _GRNFunction(torch.autograd.Function):
@@ -112,7 +130,7 @@ class GRN(nn.Module):
         return _GRNFunction.apply(x, self.gamma.view(1, 1, 1, -1), self.beta.view(1, 1, 1, -1))
 
 
-@MIXERS.register("cca", doc="compact channel attention of DiCo: avgpool -> 1x1 conv -> sigmoid gate")
+@MIXERS.register("cca", doc="compact channel attention of DiCo: avgpool -> 1x1 conv C->C -> sigmoid gate")
 class CompactChannelAttention(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -121,6 +139,30 @@ class CompactChannelAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = x.mean(dim=(1, 2), keepdim=True)                         # (B, 1, 1, C)
         return x * torch.sigmoid(self.conv(pooled))
+
+
+@MIXERS.register("se", doc="squeeze-and-excitation (Hu et al. 2018): avgpool -> 1x1 C->rd -> ReLU -> 1x1 rd->C "
+                           "-> sigmoid gate (CCA with a bottleneck)")
+class SqueezeExcite(nn.Module):
+    """The classic channel attention that DiCo's CCA compacts: CCA is SE without the bottleneck
+    and its ReLU (one C->C conv, C^2 weights and MACs per sample); SE's two convs through
+    rd = rd_ratio*C channels cost 2*rd_ratio*C^2, an eighth of CCA's at the SE paper's default
+    reduction r = 16 (rd_ratio 1/16, also timm's). Next to `cca` it asks whether the gate needs CCA's
+    full-rank map. Parameter names follow timm's SEModule (`fc1`, `fc2`)."""
+
+    OPTIONS = {
+        "rd_ratio": (float, 1 / 16, "bottleneck width relative to the channels (rd = max(1, round(rd_ratio*C)))"),
+    }
+
+    def __init__(self, channels: int, rd_ratio: float = 1 / 16):
+        super().__init__()
+        rd = hidden_channels(channels, rd_ratio)
+        self.fc1 = Pointwise(channels, rd)
+        self.fc2 = Pointwise(rd, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean(dim=(1, 2), keepdim=True)                         # (B, 1, 1, C)
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(pooled))))
 
 
 @MIXERS.register("none", doc="no channel mixer")
@@ -148,10 +190,6 @@ class FeedForward(nn.Module):
         return self.fc2(F.gelu(self.fc1(layer_norm_modulate(h, shift, scale))))
 
 
-def hidden_channels(dim: int, ratio: float) -> int:
-    return max(1, int(round(dim * ratio)))
-
-
 class AdaLNBlock(nn.Module):
     """adaLN-zero conditioned residual block; subclasses define `main(x, shift, scale)`.
 
@@ -170,6 +208,18 @@ class AdaLNBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
         self.ffn = FeedForward(dim, hidden_channels(dim, ffn_ratio)) if ffn else None
+
+    def add_mixer(self, channels: int, spec: "MixerSpec") -> None:
+        """Build the channel mixer a spec names, registered under the mixer's own name (so the
+        default block has the reference's `grn.*` parameters); `self.mixer` calls it."""
+        name, mixer = build_mixer(channels, spec)
+        if hasattr(self, name):
+            raise ValueError(f"channel mixer name {name!r} clashes with an attribute of {type(self).__name__}")
+        self.mixer_name = name
+        self.add_module(name, mixer)
+
+    def mixer(self, h: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.mixer_name)(h)
 
     def main(self, x: torch.Tensor, shift, scale) -> torch.Tensor:
         raise NotImplementedError
@@ -190,27 +240,25 @@ class AdaLNBlock(nn.Module):
 class ConvNeXtBlock(AdaLNBlock):
     OPTIONS = {
         "kernel": (int, 7, "depthwise kernel size (odd)"),
-        "mixer": (str, "grn", "channel mixer after the activation"),
+        "mixer": (MixerSpec, "grn", "channel mixer after the activation: a name, or {name = ..., option = value}"),
         "bottleneck": (bool, True, "inverted bottleneck on (hidden = ratio*C) or off (hidden = C)"),
         "ratio": (float, 3.0, "inverted-bottleneck expansion ratio r"),
         "ffn": (bool, False, "add a separate feed-forward module (adaLN then gives 6 vectors)"),
         "ffn_ratio": (float, 3.0, "expansion ratio of the extra feed-forward module"),
     }
 
-    def __init__(self, dim: int, kernel: int = 7, mixer: str = "grn", bottleneck: bool = True,
+    def __init__(self, dim: int, kernel: int = 7, mixer: MixerSpec = "grn", bottleneck: bool = True,
                  ratio: float = 3.0, ffn: bool = False, ffn_ratio: float = 3.0):
         super().__init__(dim, ffn=ffn, ffn_ratio=ffn_ratio)
         hidden = hidden_channels(dim, ratio) if bottleneck else dim
         self.dwconv = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
         self.pwconv1 = Pointwise(dim, hidden)
-        self.mixer_name = mixer
-        # registered under the mixer's own name, so the default block has the reference's `grn.*`
-        self.add_module(mixer, MIXERS.get(mixer)(hidden))
+        self.add_mixer(hidden, mixer)
         self.pwconv2 = Pointwise(hidden, dim)
 
     def main(self, x, shift, scale):
         h = layer_norm_modulate(to_nhwc(self.dwconv(x)), shift, scale)   # (B, H, W, C)
-        h = getattr(self, self.mixer_name)(F.gelu(self.pwconv1(h)))      # (B, H, W, rC)
+        h = self.mixer(F.gelu(self.pwconv1(h)))                          # (B, H, W, rC)
         return to_nchw(self.pwconv2(h))                                  # (B, C, H, W)
 
 
@@ -218,50 +266,100 @@ class ConvNeXtBlock(AdaLNBlock):
 class ResNetBlock(AdaLNBlock):
     OPTIONS = {
         "kernel": (int, 3, "kernel size of both convs (odd)"),
-        "mixer": (str, "none", "channel mixer after the activation"),
+        "mixer": (MixerSpec, "none", "channel mixer after the activation: a name, or {name = ..., option = value}"),
         "ratio": (float, 1.0, "width of the middle activation relative to C"),
         "ffn": (bool, False, "add a separate feed-forward module (adaLN then gives 6 vectors)"),
         "ffn_ratio": (float, 3.0, "expansion ratio of the extra feed-forward module"),
     }
 
-    def __init__(self, dim: int, kernel: int = 3, mixer: str = "none", ratio: float = 1.0,
+    def __init__(self, dim: int, kernel: int = 3, mixer: MixerSpec = "none", ratio: float = 1.0,
                  ffn: bool = False, ffn_ratio: float = 3.0):
         super().__init__(dim, ffn=ffn, ffn_ratio=ffn_ratio)
         hidden = hidden_channels(dim, ratio)
         self.conv1 = nn.Conv2d(dim, hidden, kernel, padding=kernel // 2)
-        self.mixer_name = mixer
-        self.add_module(mixer, MIXERS.get(mixer)(hidden))
+        self.add_mixer(hidden, mixer)
         self.conv2 = nn.Conv2d(hidden, dim, kernel, padding=kernel // 2)
 
     def main(self, x, shift, scale):
         h = to_nchw(layer_norm_modulate(to_nhwc(x), shift, scale))
         h = to_nhwc(F.gelu(self.conv1(h)))
-        h = getattr(self, self.mixer_name)(h)
-        return self.conv2(to_nchw(h))
+        return self.conv2(to_nchw(self.mixer(h)))
 
 
 # ---------------------------------------------------------------------------------------------
-# Block specs: {"family": "convnext", "kernel": 5, "mixer": "cca"}
+# Specs: {"family": "convnext", "kernel": 5, "mixer": "cca"}, {"mixer": {"name": "se", "rd_ratio": 0.25}}
 # ---------------------------------------------------------------------------------------------
 
 DEFAULT_BLOCK: Dict[str, Any] = {"family": "convnext"}
 
 
 @functools.lru_cache(maxsize=None)
-def options_class(block_cls: type) -> type:
-    """A block family's declared OPTIONS as a dataclass, so a block spec loads through the same
-    typed validation (schema.from_dict) as experiment files."""
-    fields = [("family", str, dataclasses.field(default=None))]
+def options_class(cls: type, head: str = "family") -> type:
+    """A block family's (or channel mixer's) declared OPTIONS as a dataclass, so a spec loads
+    through the same typed validation (schema.from_dict) as experiment files. `head` is the spec's
+    key naming the component: `family` for blocks, `name` for mixers."""
+    fields = [(head, str, dataclasses.field(default=None))]
     fields += [(k, typ, dataclasses.field(default=default, metadata={"help": help_}))
-               for k, (typ, default, help_) in block_cls.OPTIONS.items()]
-    return dataclasses.make_dataclass(f"{block_cls.__name__}Options", fields)
+               for k, (typ, default, help_) in getattr(cls, "OPTIONS", {}).items()]
+    return dataclasses.make_dataclass(f"{cls.__name__}Options", fields)
 
 
 MAX_KERNEL = 63  # the paper's 3-7; larger than any feature map of a 512x512 latent model's inner levels
 
 
+def _check_ranges(resolved: Dict[str, Any], where: str) -> None:
+    """Value rules types cannot express, by option name, for blocks and mixers alike: a `kernel`
+    is odd and bounded; every `*ratio` (ratio, ffn_ratio, rd_ratio) is a positive number."""
+    if "kernel" in resolved and not (1 <= resolved["kernel"] <= MAX_KERNEL and resolved["kernel"] % 2):
+        raise UserError(f"{where}.kernel must be an odd integer from 1 to {MAX_KERNEL}, got {resolved['kernel']}")
+    for key, value in resolved.items():
+        if key.endswith("ratio") and isinstance(value, float) and not (value > 0 and math.isfinite(value)):
+            raise UserError(f"{where}.{key} must be a positive number, got {value}")
+
+
+def resolve_mixer_spec(value: Any, where: str = "mixer") -> MixerSpec:
+    """Validate a channel-mixer spec, a name (`"cca"`) or a table (`{"name": "se", "rd_ratio": 0.25}`),
+    against the mixer's declared OPTIONS (the one coercion policy) and return its canonical form:
+
+      - the name alone for a mixer that declares no options: `"grn"`, exactly what specs have always
+        said, so older specs, run tags and checkpoints read (and resolve) unchanged;
+      - otherwise a table of the name and EVERY declared option, defaults filled in
+        (`{"name": "se", "rd_ratio": 0.0625}`), so a recorded spec never depends on a later default.
+
+    Either form is plain JSON/TOML and resolves to itself. Raises a one-line UserError naming the key."""
+    value = check_value(where, value, MixerSpec)
+    spec = {"name": value} if isinstance(value, str) else dict(value)
+    if "name" not in spec:
+        raise UserError(f"{where}: a mixer table needs 'name' (a channel mixer: {choices(MIXERS.names())})")
+    name = check_value(f"{where}.name", spec["name"], str)
+    try:
+        cls = MIXERS.get(name)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    options = getattr(cls, "OPTIONS", {})
+    unknown = sorted(set(spec) - {"name", *options})
+    if unknown and not options:
+        raise UserError(f"{where}: channel mixer {name!r} takes no options, got {unknown[0]!r}")
+    if unknown:
+        raise UserError(f"{where}: unknown option {unknown[0]!r} for channel mixer {name!r}; "
+                        f"valid: {choices(['name', *options])}")
+    resolved = dataclasses.asdict(from_dict(options_class(cls, "name"), spec, prefix=f"{where}."))
+    _check_ranges(resolved, where)
+    return resolved if options else name
+
+
+def build_mixer(channels: int, spec: MixerSpec) -> Tuple[str, nn.Module]:
+    """(name, module) of the channel mixer a spec names, built for `channels` with its options."""
+    spec = resolve_mixer_spec(spec)
+    if isinstance(spec, str):
+        return spec, MIXERS.get(spec)(channels)
+    options = {k: v for k, v in spec.items() if k != "name"}
+    return spec["name"], MIXERS.get(spec["name"])(channels, **options)
+
+
 def resolve_block_spec(spec: Dict[str, Any] | None, where: str = "block") -> Dict[str, Any]:
-    """Validate a block spec against its family's declared options and fill in the defaults.
+    """Validate a block spec against its family's declared options and fill in the defaults; an
+    option declared as a `MixerSpec` is resolved to its canonical form (`resolve_mixer_spec`).
     `where` names the spec in messages ("model.block"). Raises a one-line UserError on bad input."""
     spec = dict(DEFAULT_BLOCK if spec is None else spec)
     family = check_value(f"{where}.family", spec.setdefault("family", "convnext"), str)
@@ -274,16 +372,10 @@ def resolve_block_spec(spec: Dict[str, Any] | None, where: str = "block") -> Dic
         raise UserError(f"{where}: unknown option {unknown[0]!r} for block family {family!r}; "
                         f"valid: {choices(['family', *cls.OPTIONS])}")
     resolved = dataclasses.asdict(from_dict(options_class(cls), spec, prefix=f"{where}."))
-    if "kernel" in resolved and not (1 <= resolved["kernel"] <= MAX_KERNEL and resolved["kernel"] % 2):
-        raise UserError(f"{where}.kernel must be an odd integer from 1 to {MAX_KERNEL}, got {resolved['kernel']}")
-    if "mixer" in resolved:  # an option named `mixer` names a registered channel mixer
-        try:
-            MIXERS.get(resolved["mixer"])
-        except UserError as e:
-            raise UserError(f"{where}.mixer: {e}") from None
-    for key in ("ratio", "ffn_ratio"):
-        if key in resolved and not (resolved[key] > 0 and math.isfinite(resolved[key])):
-            raise UserError(f"{where}.{key} must be a positive number, got {resolved[key]}")
+    _check_ranges(resolved, where)
+    for key, (typ, _, _) in cls.OPTIONS.items():
+        if typ == MixerSpec:
+            resolved[key] = resolve_mixer_spec(resolved[key], f"{where}.{key}")
     return resolved
 
 
