@@ -33,6 +33,12 @@ class Registry:
 
         return deco
 
+    def unregister(self, name: str) -> Any:
+        """Remove `name` and return its object (for a throwaway entry, e.g. one a test registers)."""
+        obj = self.get(name)
+        del self._entries[name], self._meta[name]
+        return obj
+
     def get(self, name: str) -> Any:
         try:
             return self._entries[name]
