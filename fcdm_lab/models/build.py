@@ -7,9 +7,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from . import create_model, model_family
+from .factory import create_model, model_family
 from .flops import count_gmacs, count_params
 from .matching import match_flops
+from .registry import MODELS
 
 
 def model_kwargs(model_cfg, *, input_size: int, in_channels: int, num_classes: int) -> Dict[str, Any]:
@@ -21,7 +22,7 @@ def model_kwargs(model_cfg, *, input_size: int, in_channels: int, num_classes: i
     )
     family = model_family(model_cfg.name)
     if family == "fcdm":
-        meta = __import__("fcdm_lab.models.registry", fromlist=["MODELS"]).MODELS.meta(model_cfg.name)
+        meta = MODELS.meta(model_cfg.name)
         L = model_cfg.L if model_cfg.L is not None else meta.get("L")
         C = model_cfg.C if model_cfg.C is not None else meta.get("C")
         if L is None or C is None:

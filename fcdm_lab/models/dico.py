@@ -13,20 +13,18 @@ layer; c3 at 4C for the middle.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from ..errors import UserError
-from .dit import build_preset
-from .layers import GuidedModelMixin, TimestepEmbedder, modulate
-from .pretrained import PretrainedMixin
-from .registry import MODELS
+from .layers import (GuidedModelMixin, LabelDropout, PretrainedMixin, TimestepEmbedder, modulate, pixel_shuffle_up,
+                     pixel_unshuffle_down, run_blocks)
+from .registry import register_preset
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -41,33 +39,22 @@ class LayerNorm2d(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
 
-class MultiWidthLabelEmbedder(nn.Module):
+class MultiWidthLabelEmbedder(LabelDropout):
     """Class labels -> one vector per level width (C, 2C, 4C), with label dropout for CFG.
 
-    Written here rather than as three `LabelEmbedder`s because the three tables must share ONE
-    drop decision per sample (separate embedders would drop independently), and to keep DiCo's
+    One module rather than three `LabelEmbedder`s because the three tables must share ONE drop
+    decision per sample (separate embedders would drop independently), and to keep DiCo's
     state-dict names `embedding_table_{0,1,2}`. Row `num_classes` is the null class.
     """
 
     def __init__(self, num_classes: int, widths: Sequence[int], dropout_prob: float):
-        super().__init__()
-        use_cfg_embedding = dropout_prob > 0
+        super().__init__(num_classes, dropout_prob)
         for i, width in enumerate(widths):
-            self.add_module(f"embedding_table_{i}", nn.Embedding(num_classes + use_cfg_embedding, width))
+            self.add_module(f"embedding_table_{i}", nn.Embedding(self.table_rows, width))
         self.num_tables = len(widths)
-        self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
-
-    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if force_drop_ids is None:
-            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        else:
-            drop_ids = force_drop_ids == 1
-        return torch.where(drop_ids, torch.full_like(labels, self.num_classes), labels)
 
     def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None):
-        if (train and self.dropout_prob > 0) or (force_drop_ids is not None):
-            labels = self.token_drop(labels, force_drop_ids)
+        labels = self.drop(labels, train, force_drop_ids)
         return tuple(getattr(self, f"embedding_table_{i}")(labels) for i in range(self.num_tables))
 
 
@@ -136,9 +123,7 @@ class Downsample(nn.Module):
 
     def __init__(self, n_feat: int):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(n_feat, n_feat // 2, kernel_size=3, padding=1, bias=False), nn.PixelUnshuffle(2)
-        )
+        self.body = pixel_unshuffle_down(n_feat, 2 * n_feat)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -149,9 +134,7 @@ class Upsample(nn.Module):
 
     def __init__(self, n_feat: int):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(n_feat, n_feat * 2, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2)
-        )
+        self.body = pixel_shuffle_up(n_feat, n_feat // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -255,13 +238,7 @@ class DiCo(PretrainedMixin, ModelMixin, ConfigMixin, GuidedModelMixin):
         return [block for level in levels for block in level]
 
     def _run_level(self, level: nn.ModuleList, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for block in level:
-            if checkpoint:
-                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
-            else:
-                x = block(x, c)
-        return x
+        return run_blocks(level, x, c, self.gradient_checkpointing and self.training)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, H, W) latents, t: (B,) timesteps, y: (B,) class labels."""
@@ -288,21 +265,11 @@ class DiCo(PretrainedMixin, ModelMixin, ConfigMixin, GuidedModelMixin):
 #                                  DiCo Configs                                 #
 #################################################################################
 
-@MODELS.register("DiCo-S", family="dico", hidden_size=128, depth=(5, 4, 4, 4, 4), mlp_ratio=2.0)
-def dico_s(**kwargs: Any) -> DiCo:
-    return build_preset(DiCo, "DiCo-S", **kwargs)
-
-
-@MODELS.register("DiCo-B", family="dico", hidden_size=256, depth=(5, 4, 4, 4, 4), mlp_ratio=2.0)
-def dico_b(**kwargs: Any) -> DiCo:
-    return build_preset(DiCo, "DiCo-B", **kwargs)
-
-
-@MODELS.register("DiCo-L", family="dico", hidden_size=352, depth=(9, 8, 9, 8, 9), mlp_ratio=2.0)
-def dico_l(**kwargs: Any) -> DiCo:
-    return build_preset(DiCo, "DiCo-L", **kwargs)
-
-
-@MODELS.register("DiCo-XL", family="dico", hidden_size=416, depth=(9, 9, 10, 9, 9), mlp_ratio=2.0)
-def dico_xl(**kwargs: Any) -> DiCo:
-    return build_preset(DiCo, "DiCo-XL", **kwargs)
+DICO_PRESETS = {
+    "DiCo-S": dict(hidden_size=128, depth=(5, 4, 4, 4, 4), mlp_ratio=2.0),
+    "DiCo-B": dict(hidden_size=256, depth=(5, 4, 4, 4, 4), mlp_ratio=2.0),
+    "DiCo-L": dict(hidden_size=352, depth=(9, 8, 9, 8, 9), mlp_ratio=2.0),
+    "DiCo-XL": dict(hidden_size=416, depth=(9, 9, 10, 9, 9), mlp_ratio=2.0),
+}
+for _name, _arch in DICO_PRESETS.items():
+    register_preset(DiCo, _name, "dico", **_arch)

@@ -9,20 +9,16 @@ here (same parameter names) to avoid a timm dependency for three small modules, 
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
-from ..errors import UserError, choices
-from .layers import GuidedModelMixin, LabelEmbedder, TimestepEmbedder
-from .pretrained import PretrainedMixin
-from .registry import MODELS
+from ..errors import UserError
+from .layers import GuidedModelMixin, LabelEmbedder, PretrainedMixin, TimestepEmbedder, run_blocks
+from .registry import register_preset
 
 
 def modulate_tokens(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -208,12 +204,7 @@ class DiT(PretrainedMixin, ModelMixin, ConfigMixin, GuidedModelMixin):
             raise UserError(f"DiT was built for {size}x{size} inputs (fixed positional table); got {tuple(x.shape[-2:])}")
         x = self.x_embedder(x) + self.pos_embed   # (B, T, D), T = H * W / p**2
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (B, D)
-        checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            if checkpoint:
-                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
-            else:
-                x = block(x, c)                   # (B, T, D)
+        x = run_blocks(self.blocks, x, c, self.gradient_checkpointing and self.training)  # (B, T, D)
         x = self.final_layer(x, c)                # (B, T, p*p*out_channels)
         return self.unpatchify(x)                 # (B, out_channels, H, W)
 
@@ -248,38 +239,11 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.nda
 #                                   DiT Configs                                 #
 #################################################################################
 
-COMMON_KWARGS = ("input_size", "in_channels", "num_classes", "learn_sigma", "class_dropout_prob", "grad_checkpointing")
-
-
-def check_overrides(name: str, kwargs: dict[str, Any]) -> None:
-    """Presets fix the architecture; only the common settings may be overridden."""
-    bad = sorted(set(kwargs) - set(COMMON_KWARGS))
-    if bad:
-        raise UserError(f"{name}: cannot override {choices(bad)}; valid overrides: {choices(COMMON_KWARGS)}")
-
-
-def build_preset(cls: type, name: str, **kwargs: Any) -> nn.Module:
-    """`cls` built with the preset's architecture (its registry metadata) plus common-setting overrides."""
-    check_overrides(name, kwargs)
-    arch = {k: v for k, v in MODELS.meta(name).items() if k != "family"}
-    return cls(**arch, **kwargs)
-
-
-@MODELS.register("DiT-S/2", family="dit", depth=12, hidden_size=384, patch_size=2, num_heads=6)
-def dit_s_2(**kwargs: Any) -> DiT:
-    return build_preset(DiT, "DiT-S/2", **kwargs)
-
-
-@MODELS.register("DiT-B/2", family="dit", depth=12, hidden_size=768, patch_size=2, num_heads=12)
-def dit_b_2(**kwargs: Any) -> DiT:
-    return build_preset(DiT, "DiT-B/2", **kwargs)
-
-
-@MODELS.register("DiT-L/2", family="dit", depth=24, hidden_size=1024, patch_size=2, num_heads=16)
-def dit_l_2(**kwargs: Any) -> DiT:
-    return build_preset(DiT, "DiT-L/2", **kwargs)
-
-
-@MODELS.register("DiT-XL/2", family="dit", depth=28, hidden_size=1152, patch_size=2, num_heads=16)
-def dit_xl_2(**kwargs: Any) -> DiT:
-    return build_preset(DiT, "DiT-XL/2", **kwargs)
+DIT_PRESETS = {
+    "DiT-S/2": dict(depth=12, hidden_size=384, patch_size=2, num_heads=6),
+    "DiT-B/2": dict(depth=12, hidden_size=768, patch_size=2, num_heads=12),
+    "DiT-L/2": dict(depth=24, hidden_size=1024, patch_size=2, num_heads=16),
+    "DiT-XL/2": dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16),
+}
+for _name, _arch in DIT_PRESETS.items():
+    register_preset(DiT, _name, "dit", **_arch)

@@ -16,13 +16,12 @@ import torch
 import torch.nn as nn
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from .blocks import build_block, layer_norm_modulate, resolve_block_spec, to_nchw, to_nhwc
-from .layers import GuidedModelMixin, LabelEmbedder, TimestepEmbedder
-from .pretrained import PretrainedMixin
-from .registry import MODELS
+from .layers import (GuidedModelMixin, LabelEmbedder, PretrainedMixin, TimestepEmbedder, pixel_shuffle_up,
+                     pixel_unshuffle_down, run_blocks)
+from .registry import MODELS, register_preset
 
 CL = torch.channels_last
 
@@ -32,7 +31,7 @@ class Downsample(nn.Module):
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(c_in, c_out // 4, 3, padding=1, bias=False), nn.PixelUnshuffle(2))
+        self.conv = pixel_unshuffle_down(c_in, c_out)
 
     def forward(self, x):
         return self.conv(x).contiguous(memory_format=CL)
@@ -43,7 +42,7 @@ class Upsample(nn.Module):
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(c_in, c_out * 4, 3, padding=1, bias=False), nn.PixelShuffle(2))
+        self.conv = pixel_shuffle_up(c_in, c_out)
 
     def forward(self, x):
         return self.conv(x).contiguous(memory_format=CL)
@@ -140,12 +139,7 @@ class FCDM(PretrainedMixin, ModelMixin, ConfigMixin, GuidedModelMixin):
         nn.init.zeros_(self.final_layer.conv.bias)
 
     def _run(self, blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        for blk in blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, c, use_reentrant=False)
-            else:
-                x = blk(x, c)
-        return x
+        return run_blocks(blocks, x, c, self.grad_checkpointing and self.training)
 
     def condition(self, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The conditioning vectors (c1, c2, c3) of the three widths, with label dropout in training."""
@@ -203,16 +197,6 @@ LABEL_DROPOUT = ("per_level", "shared")  # model.label_dropout
 FCDM_PRESETS = {"FCDM-S": (2, 128), "FCDM-B": (2, 256), "FCDM-L": (2, 512), "FCDM-XL": (3, 512)}
 
 
-def _register_preset(name: str, L: int, C: int) -> None:
-    def factory(**kwargs) -> FCDM:
-        kwargs.setdefault("L", L)
-        kwargs.setdefault("C", C)
-        return FCDM(**kwargs)
-
-    factory.__name__ = name
-    MODELS.register(name, family="fcdm", L=L, C=C)(factory)
-
-
 for _name, (_L, _C) in FCDM_PRESETS.items():
-    _register_preset(_name, _L, _C)
+    register_preset(FCDM, _name, "fcdm", fixed=False, L=_L, C=_C)
 MODELS.register("FCDM", family="fcdm", L=None, C=None)(FCDM)

@@ -1,4 +1,4 @@
-"""Layers shared by every model family (FCDM, DiT, DiCo).
+"""Layers and model mixins shared by every model family (FCDM, DiT, DiCo).
 
 Names follow DiT's `models.py` (`mlp.0`, `mlp.2`, `embedding_table`) so that reference checkpoints
 of all three families load with `strict=True`.
@@ -6,9 +6,13 @@ of all three families load with `strict=True`.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -46,18 +50,19 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
-class LabelEmbedder(nn.Module):
-    """Class labels -> vectors, with label dropout for classifier-free guidance.
+class LabelDropout(nn.Module):
+    """Label dropout for classifier-free guidance, the part every label embedder shares: in training
+    each sample's label becomes the null class (index `num_classes`) with probability `dropout_prob`.
+    A table needs `table_rows` rows: num_classes + 1 when dropout is used (the null row)."""
 
-    The table has num_classes + 1 rows when dropout is used: row `num_classes` is the null class.
-    """
-
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+    def __init__(self, num_classes: int, dropout_prob: float):
         super().__init__()
-        use_cfg_embedding = dropout_prob > 0
-        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
+
+    @property
+    def table_rows(self) -> int:
+        return self.num_classes + (self.dropout_prob > 0)
 
     def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         if force_drop_ids is None:
@@ -66,10 +71,45 @@ class LabelEmbedder(nn.Module):
             drop_ids = force_drop_ids == 1
         return torch.where(drop_ids, torch.full_like(labels, self.num_classes), labels)
 
-    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None):
+    def drop(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The labels to embed: dropped in training (or where `force_drop_ids` == 1), else unchanged."""
         if (train and self.dropout_prob > 0) or (force_drop_ids is not None):
             labels = self.token_drop(labels, force_drop_ids)
-        return self.embedding_table(labels)
+        return labels
+
+
+class LabelEmbedder(LabelDropout):
+    """Class labels -> vectors, with label dropout for classifier-free guidance (row `num_classes`
+    of the table is the null class)."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__(num_classes, dropout_prob)
+        self.embedding_table = nn.Embedding(self.table_rows, hidden_size)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None):
+        return self.embedding_table(self.drop(labels, train, force_drop_ids))
+
+
+def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, c: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """x through `blk(x, c)` for each block in turn; with `checkpointing` (a model's gradient
+    checkpointing flag, in training) and gradients on, each block's activations are recomputed in
+    backward (non-reentrant checkpointing) instead of stored."""
+    checkpointing = checkpointing and torch.is_grad_enabled()
+    for blk in blocks:
+        x = checkpoint(blk, x, c, use_reentrant=False) if checkpointing else blk(x, c)
+    return x
+
+
+def pixel_unshuffle_down(c_in: int, c_out: int) -> nn.Sequential:
+    """2x downsampling of the U-shapes: 3x3 conv (no bias) to c_out/4 channels, then PixelUnshuffle(2):
+    (B, c_in, H, W) -> (B, c_out, H/2, W/2)."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out // 4, 3, padding=1, bias=False), nn.PixelUnshuffle(2))
+
+
+def pixel_shuffle_up(c_in: int, c_out: int) -> nn.Sequential:
+    """2x upsampling of the U-shapes: 3x3 conv (no bias) to 4*c_out channels, then PixelShuffle(2):
+    (B, c_in, H, W) -> (B, c_out, 2H, 2W)."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out * 4, 3, padding=1, bias=False), nn.PixelShuffle(2))
 
 
 class GuidedModelMixin:
@@ -90,3 +130,24 @@ class GuidedModelMixin:
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
+
+
+MODEL_SUBFOLDER = "model"  # where the model lives inside a pipeline / run folder
+
+
+class PretrainedMixin:
+    """diffusers-native loading (`FCDM.from_pretrained(folder)`), put first in a model's bases
+    (before diffusers' ModelMixin): also accepts a run or pipeline folder (its `model/`), and puts the
+    weights back into the memory layout the model trains and samples fastest in (diffusers loads
+    every tensor contiguous, which silently undoes FCDM's channels_last weights)."""
+
+    weights_memory_format = torch.contiguous_format  # FCDM overrides: channels_last
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        folder = Path(os.fspath(pretrained_model_name_or_path))
+        if "subfolder" not in kwargs and folder.is_dir() and not (folder / "config.json").is_file() \
+                and (folder / MODEL_SUBFOLDER / "config.json").is_file():
+            kwargs["subfolder"] = MODEL_SUBFOLDER  # a run or pipeline folder: its model
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return model.to(memory_format=cls.weights_memory_format)

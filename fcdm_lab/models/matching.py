@@ -18,6 +18,7 @@ import torch
 
 from ..errors import UserError, choices
 from .blocks import resolve_block_spec
+from .fcdm import FCDM
 from .flops import count_gmacs
 
 KNOBS = ("ratio", "ffn_ratio", "width")
@@ -47,8 +48,6 @@ class MatchResult:
 
 
 def fcdm_gmacs(kwargs: Dict[str, Any]) -> float:
-    from .fcdm import FCDM
-
     with torch.device("meta"):
         model = FCDM(**kwargs)
     shape = (kwargs.get("in_channels", 4), kwargs.get("input_size", 32), kwargs.get("input_size", 32))

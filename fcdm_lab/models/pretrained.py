@@ -1,10 +1,9 @@
-"""diffusers-native loading for every model family: `FCDM.from_pretrained(folder)`.
+"""diffusers-native loading for every model family: `load_pretrained(folder)` and `FCDM.from_pretrained(folder)`.
 
 A trained run folder (and its MLflow `pipeline/` artifact) is a diffusers pipeline folder:
 `model_index.json`, `model/` (config.json + diffusion_pytorch_model.safetensors, the EMA weights)
-and `scheduler/`. `from_pretrained` accepts that folder as well as the `model/` folder itself, and
-puts the weights back into the memory layout the model trains and samples fastest in: diffusers
-loads every tensor contiguous, which silently undoes FCDM's channels_last weights.
+and `scheduler/`. Every family's `from_pretrained` (layers.PretrainedMixin) accepts that folder as
+well as the `model/` folder itself; `load_pretrained` also finds the family from config.json.
 """
 from __future__ import annotations
 
@@ -15,23 +14,10 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError, choices
+from .factory import FAMILY_CLASSES
+from .layers import MODEL_SUBFOLDER, PretrainedMixin
 
-MODEL_SUBFOLDER = "model"  # where the model lives inside a pipeline / run folder
-
-
-class PretrainedMixin:
-    """Put first in a model's bases (before diffusers' ModelMixin) to override `from_pretrained`."""
-
-    weights_memory_format = torch.contiguous_format  # FCDM overrides: channels_last
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        folder = Path(os.fspath(pretrained_model_name_or_path))
-        if "subfolder" not in kwargs and folder.is_dir() and not (folder / "config.json").is_file() \
-                and (folder / MODEL_SUBFOLDER / "config.json").is_file():
-            kwargs["subfolder"] = MODEL_SUBFOLDER  # a run or pipeline folder: its model
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        return model.to(memory_format=cls.weights_memory_format)
+__all__ = ["MODEL_SUBFOLDER", "PretrainedMixin", "load_pretrained", "model_folder"]
 
 
 def model_folder(path: str | os.PathLike) -> Path | None:
@@ -46,8 +32,6 @@ def model_folder(path: str | os.PathLike) -> Path | None:
 def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Any family's model from a diffusers folder (run folder, pipeline folder or model folder); the
     class comes from config.json's `_class_name`. In eval mode, gradients off."""
-    from . import FAMILY_CLASSES
-
     folder = model_folder(path)
     if folder is None:
         raise UserError(f"{path} holds no diffusers model (config.json + diffusion_pytorch_model.safetensors, "

@@ -16,8 +16,8 @@ import torch
 
 from ..errors import UserError, choices
 from ..schema import check_value
-from . import create_model, model_family, valid_model_kwargs
 from .blocks import resolve_block_spec
+from .factory import create_model, model_family, valid_model_kwargs
 from .flops import count_gmacs, count_params
 from .matching import match_flops
 from .registry import BLOCKS, MODELS
