@@ -906,7 +906,8 @@ def trainer_run(spec: dict, resolution: int, batch: int, steps: int, device: tor
     import numpy as np
 
     from fcdm_lab.data.latents import write_latent_store
-    from fcdm_lab.train.trainer import train
+    from fcdm_lab.training.hooks import TrainHook, default_hooks
+    from fcdm_lab.training.trainer import train
 
     latent = resolution // 8
     n = batch * (steps + 2)
@@ -933,22 +934,16 @@ def trainer_run(spec: dict, resolution: int, batch: int, steps: int, device: tor
                   "ema_decay": 0.9999},
     })
 
-    class Collect:  # the trainer's tracker interface, keeping only the logged metrics
+    class Collect(TrainHook):  # keeps the metrics the loop reports at each log step
         def __init__(self):
             self.metrics = []
 
-        def log_metrics(self, metrics, step):
-            self.metrics.append(dict(metrics, step=step))
-
-        def log_image(self, *a, **k):
-            pass
-
-        def log_artifact(self, *a, **k):
-            pass
+        def on_log(self, run, metrics):
+            self.metrics.append(dict(metrics, step=run.step))
 
     tracker = Collect()
     t0 = time.perf_counter()
-    result = train(cfg, workdir / "run", tracker=tracker, progress=False)
+    result = train(cfg, workdir / "run", hooks=[*default_hooks(), tracker], progress=False)
     wall = time.perf_counter() - t0
     rates = [m["images_per_s"] for m in tracker.metrics[1:]] or [result.images_per_s]
     return {"model": spec["name"], "resolution": resolution, "batch": batch, "steps": steps,

@@ -29,9 +29,10 @@ def main() -> None:
     import torch
 
     from fcdm_lab.config import load_experiment
-    from fcdm_lab.eval import class_consistency, get_digits_classifier
-    from fcdm_lab.inference import generate, load_checkpoint, objective_for
-    from fcdm_lab.train import train
+    from fcdm_lab.eval.classifier import class_consistency, get_digits_classifier
+    from fcdm_lab.inference.checkpoints import load_checkpoint, objective_for
+    from fcdm_lab.inference.generation import generate
+    from fcdm_lab.training.trainer import train
 
     overrides = list(args.overrides) + ([f"train.threads={args.threads}"] if args.threads else [])
     cfg = load_experiment(args.experiment, overrides)

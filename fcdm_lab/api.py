@@ -1,11 +1,13 @@
-"""The public Python API (re-exported lazily by `fcdm_lab/__init__.py`): train, load, sample, ablate.
+"""The public Python API (`fcdm_lab.train`, ...; imported by `fcdm_lab/__init__.py`): train, load, sample, ablate.
 
     import fcdm_lab
     result = fcdm_lab.train("tiny-digits")                        # a run folder, logged to MLflow
     model = fcdm_lab.load_model(result.out_dir)                   # or a checkpoint, or an MLflow run id
     images = fcdm_lab.sample(model, class_labels=range(10), sampler="ddim", steps=50)
 
-Each function is a thin door to the library function the CLI command of the same name uses.
+Each function is a thin door to the library function the CLI command of the same name uses. The
+imports of the library are inside the functions, so that `import fcdm_lab` loads no torch, MLflow or
+Optuna (the CLI starts in a fraction of a second).
 """
 from __future__ import annotations
 
@@ -40,10 +42,10 @@ def train(experiment: str = "tiny-digits", *, steps: int | None = None, seed: in
     cfg = load_experiment(experiment, items)
     out_dir = Path(out) if out is not None else Path("runs") / cfg.name
     if not track:
-        from .train import train as train_fn
+        from .training.trainer import train as train_untracked
 
-        return train_fn(cfg, out_dir, resume=resume)
-    from .tracking import train_tracked
+        return train_untracked(cfg, out_dir, resume=resume)
+    from .runner import train_tracked
 
     result, _run_id = train_tracked(cfg, out_dir, uri=tracking_uri, resume=resume)
     return result
@@ -51,7 +53,7 @@ def train(experiment: str = "tiny-digits", *, steps: int | None = None, seed: in
 
 def _download_run_model(run_id: str, tracking_uri: str | None) -> Path:
     """The model of an MLflow run, downloaded: its `pipeline/` artifact, else `weights/ema.safetensors`."""
-    from .tracking import get_client, get_run
+    from .tracking.client import get_client, get_run
 
     client = get_client(tracking_uri)
     get_run(run_id, client=client)  # a UserError naming the store when there is no such run
@@ -65,24 +67,22 @@ def _download_run_model(run_id: str, tracking_uri: str | None) -> Path:
 
 
 def _load(source, device, use_ema: bool, tracking_uri: str | None):
-    """(model, config or None, info or None) from anything `load_model` takes."""
-    from .inference import load_checkpoint
-    from .models.pretrained import load_pretrained, model_folder
+    """(model, config or None, info) from anything `load_model` takes."""
+    from .inference.checkpoints import load_checkpoint
 
     path = Path(os.fspath(source))
     if not path.exists():
         if not RUN_ID.match(str(source)):
             raise UserError(f"{str(source)!r} is neither a file or folder nor an MLflow run id (32 hex digits)")
         path = _download_run_model(str(source), tracking_uri)
-    if path.is_dir() and model_folder(path) is not None and not (path / "checkpoints").is_dir():
-        return load_pretrained(path, device=device), None, None  # a diffusers folder: EMA weights, DDPM
-    return load_checkpoint(path, use_ema=use_ema, device=device)  # a run folder also gives its config
+    return load_checkpoint(path, use_ema=use_ema, device=device)  # every artefact a run writes
 
 
 def load_model(source: str | os.PathLike, *, device: str = "cpu", use_ema: bool = True,
                tracking_uri: str | None = None):
-    """A trained model in eval mode: `source` is a run folder, a diffusers model/pipeline folder, a
-    checkpoint file (ours or a reference FCDM one), an `ema.safetensors`, or an MLflow run id."""
+    """A trained model in eval mode: `source` is a run folder, a diffusers model/pipeline folder (or
+    its weights file), a checkpoint file (ours or a reference FCDM one), an older run's
+    `ema.safetensors`, or an MLflow run id."""
     return _load(source, device, use_ema, tracking_uri)[0]
 
 
@@ -95,7 +95,8 @@ def sample(model: Any, *, num: int | None = None, class_labels: Any = None, samp
     per class). sampler/steps: ddpm | ddim (250 steps) or euler | heun for flow models."""
     import torch
 
-    from .inference import generate, load_vae_for, objective_for
+    from .inference.checkpoints import objective_for
+    from .inference.generation import generate, load_vae_for
 
     cfg, info = None, None
     if not isinstance(model, torch.nn.Module):

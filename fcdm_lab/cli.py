@@ -143,14 +143,15 @@ def train(
     cfg = load_experiment(experiment, overrides)
     out_dir = out or Path("runs") / cfg.name
     if track:
-        from .tracking import train_tracked
+        from .runner import train_tracked
 
         result, run_id = train_tracked(cfg, out_dir, uri=tracking_uri, resume=resume, max_steps=max_steps)
     else:
-        from .train import train as train_fn
+        from .training.trainer import train as train_untracked
 
-        result, run_id = train_fn(cfg, out_dir, resume=resume, max_steps=max_steps), None
-    from .tracking import browse_hint, is_main_process
+        result, run_id = train_untracked(cfg, out_dir, resume=resume, max_steps=max_steps), None
+    from .tracking.client import is_main_process
+    from .tracking.ui import browse_hint
 
     if result is not None and is_main_process():  # under `accelerate launch` every process gets here
         console.print(f"[bold green]done[/]: {result.step} steps in {result.wall_time_s:.0f} s "
@@ -182,7 +183,7 @@ def sample(
     out: Path = typer.Option(Path("samples"), "--out", help="Output folder (images/, grid.png, samples.npz)."),
 ):
     """Write PNGs, a grid and an ADM-format .npz of samples from a checkpoint."""
-    from .inference import sample_checkpoint
+    from .inference.samples import sample_checkpoint
 
     if random_labels and class_labels:
         raise UserError("give either --class-labels or --random-labels, not both")
@@ -352,7 +353,7 @@ def ui(
     tracking_uri: Optional[str] = UriOpt,
 ):
     """Start the MLflow UI on the same store (loopback by default)."""
-    from .tracking import launch_ui
+    from .tracking.ui import launch_ui
 
     code = launch_ui(tracking_uri, host=host, port=port)
     if code:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,3 +275,28 @@ def load_experiment(name_or_path: str, overrides: Dict[str, Any] | List[str] | N
     if overrides:
         data = apply_overrides(data, overrides)
     return config_from_dict(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# The resolved config as a file: one serializer for the run folder's config.toml and MLflow's
+# ---------------------------------------------------------------------------------------------
+
+def drop_none(value: Any) -> Any:
+    """`value` without None entries (TOML and JSON artefacts leave unset keys out), in dicts and lists."""
+    if isinstance(value, dict):
+        return {k: drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [drop_none(v) for v in value if v is not None]
+    return value
+
+
+def config_to_toml(cfg: ExperimentConfig) -> str:
+    """The resolved config as TOML (TOML has no null: unset optional keys are left out, which
+    reloads to the same config since every optional field defaults to None)."""
+    import tomli_w  # small, but only runs that write a config need it
+
+    return tomli_w.dumps(drop_none(cfg.to_dict()))
+
+
+def config_from_toml(text: str) -> ExperimentConfig:
+    return config_from_dict(tomllib.loads(text))

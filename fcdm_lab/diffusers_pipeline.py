@@ -1,6 +1,6 @@
 """`FCDMPipeline`: a trained model as a diffusers `DiffusionPipeline`, DiTPipeline's interface.
 
-    from fcdm_lab import FCDMPipeline
+    from fcdm_lab.diffusers_pipeline import FCDMPipeline
     pipe = FCDMPipeline.from_pretrained("runs/tiny-digits")          # a run folder
     images = pipe(class_labels=[0, 1, 2], num_inference_steps=50).images
 
@@ -27,7 +27,11 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .diffusion import guided_model_fn
 from .errors import UserError, choices
+from .fileio import atomic_write_json, atomic_write_text, replaced_folder
+from .inference.checkpoints import MODEL_INFO_FILE
+from .inference.generation import IMAGE_CHANNELS, decode_and_quantize
 from .models.pretrained import MODEL_SUBFOLDER
 
 SCHEDULERS = ("ddpm", "ddim")
@@ -84,8 +88,6 @@ class FCDMPipeline(DiffusionPipeline):
         channels unless `guidance_channels` (3 = the reference's legacy). output_type: "pil" (a list of
         PIL images), "np" (float NHWC in [0, 1]), "pt" (uint8 NCHW), "latent" (the model-space samples).
         """
-        from .diffusion import guided_model_fn
-        from .inference import IMAGE_CHANNELS, decode_and_quantize
 
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"unknown output_type {output_type!r}; choose one of: {choices(OUTPUT_TYPES)}")
@@ -146,8 +148,6 @@ def save_run_pipeline(model: torch.nn.Module, cfg: Any, out_dir: str | os.PathLi
     folder alone samples with the objective it was trained with (inference.load_checkpoint).
     Each part is written aside and swapped into place whole (fileio.replaced_folder).
     """
-    from .fileio import atomic_write_json, atomic_write_text, replaced_folder
-    from .inference.checkpoints import MODEL_INFO_FILE
 
     out_dir = Path(out_dir)
     d = cfg.diffusion

@@ -16,25 +16,20 @@ import sys
 import torch
 
 from fcdm_lab.config import config_from_dict
-from fcdm_lab.inference import sample_checkpoint
-from fcdm_lab.train import train
+from fcdm_lab.inference.samples import sample_checkpoint
+from fcdm_lab.training.hooks import TrainHook, default_hooks
+from fcdm_lab.training.trainer import train
 
 
-class KillAt:
-    """A tracker that kills its own process, hard, right after step `step` is logged."""
+class KillAt(TrainHook):
+    """A hook that kills its own process, hard, right after step `step` is logged."""
 
     def __init__(self, step):
         self.step = step
 
-    def log_metrics(self, metrics, step):
-        if step == self.step:
+    def on_log(self, run, metrics):
+        if run.step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
-
-    def log_image(self, image, key, step=0):
-        pass
-
-    def log_artifact(self, local_path, artifact_path=None):
-        pass
 
 
 def main(job_file):
@@ -42,8 +37,8 @@ def main(job_file):
         job = json.load(f)
     torch.set_num_threads(1)
     cfg = config_from_dict(job["config"])
-    tracker = KillAt(job["kill_at"]) if job.get("kill_at") else None
-    result = train(cfg, job["out_dir"], resume=job.get("resume"), tracker=tracker, progress=False)
+    hooks = [*default_hooks(), *([KillAt(job["kill_at"])] if job.get("kill_at") else [])]
+    result = train(cfg, job["out_dir"], resume=job.get("resume"), hooks=hooks, progress=False)
     if job.get("sample"):
         kwargs = dict(job["sample"])
         sample_checkpoint(result.checkpoint, kwargs.pop("out_dir"), progress=False, **kwargs)

@@ -41,7 +41,7 @@ def _isolated_stores(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def _template_db(tmp_path_factory):
     """An empty MLflow database made once: creating one runs MLflow's migrations (~6 s)."""
-    from fcdm_lab.tracking import get_client
+    from fcdm_lab.tracking.client import get_client
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
     get_client(f"sqlite:///{path}").search_experiments()
@@ -51,7 +51,7 @@ def _template_db(tmp_path_factory):
 @pytest.fixture
 def store(_template_db, tmp_path):
     """The per-test store MLFLOW_TRACKING_URI points at, pre-created from the template."""
-    from fcdm_lab.tracking import get_client
+    from fcdm_lab.tracking.client import get_client
 
     shutil.copy(_template_db, tmp_path / "mlflow.db")
     return get_client()

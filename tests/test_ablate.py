@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 from conftest import TINY
 
-import fcdm_lab.eval.evaluate as evaluate_mod
+import fcdm_lab.runner as evaluate_mod  # the run pipeline: where the children's evaluation is called
 from fcdm_lab.config import load_experiment
 from fcdm_lab.errors import UserError
 from fcdm_lab.eval.evaluate import evaluate_checkpoint
 from fcdm_lab.studies import build_report, load_study, rerun, run_ablation, studies_table, study_names, write_report
-from fcdm_lab.tracking import RUN_FILE, train_tracked
+from fcdm_lab.runner import train_tracked
+from fcdm_lab.tracking.client import RUN_FILE
 
 
 STUDY = """
@@ -138,7 +139,8 @@ def test_train_evaluate_rerun(store):
     assert (Path("runs/t") / RUN_FILE).is_file()
     run = store.get_run(run_id)
     assert run.info.status == "FINISHED" and int(run.data.params["model.params"]) == result.model_info["params"]
-    assert {a.path for a in store.list_artifacts(run_id, "weights")} == {"weights/ema.safetensors"}
+    assert {a.path for a in store.list_artifacts(run_id, "pipeline/model")} >= {
+        "pipeline/model/diffusion_pytorch_model.safetensors", "pipeline/model/fcdm_lab.json"}
 
     metrics = evaluate_checkpoint(result.checkpoint, metrics=["class_acc_digits", "fid_digits"], progress=False)
     assert set(metrics) == {"class_acc_digits", "fid_digits"}

@@ -21,7 +21,7 @@ def test_import_is_light_and_lazy():
             "print(sorted(fcdm_lab.__all__))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "FCDMPipeline" in out.stdout and "run_ablation" in out.stdout
+    assert "run_ablation" in out.stdout and "train" in out.stdout
 
 
 def readme_python_example() -> str:
@@ -43,8 +43,8 @@ def test_readme_python_example_runs():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(run folder, run id, tracking uri) of a 4-step tracked run."""
-    from fcdm_lab.tracking import tracked_run
-    from fcdm_lab.train import train
+    from fcdm_lab.runner import run_experiment
+    from fcdm_lab.tracking.client import tracked_run
 
     root = tmp_path_factory.mktemp("api-run")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -52,7 +52,7 @@ def run(tmp_path_factory):
                             "train": {"steps": 4, "batch_size": 8, "ckpt_every": 4, "threads": 1},
                             "eval": {"sampler": "ddim", "steps": 2}})
     with tracked_run("tiny-api", uri=uri) as tracker:
-        train(cfg, root / "run", tracker=tracker, progress=False)
+        run_experiment(tracker, cfg, root / "run", progress=False)
     return root / "run", tracker.run_id, uri
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fcdm_lab.tracking import get_client
+from fcdm_lab.tracking.client import get_client
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,9 +12,9 @@ from fcdm_lab.diffusion import create_objective
 from fcdm_lab.errors import UserError
 from fcdm_lab.models import FCDM, create_model
 from fcdm_lab.models.pretrained import load_pretrained
-from fcdm_lab.inference import generate, load_checkpoint
+from fcdm_lab.inference.checkpoints import load_checkpoint
+from fcdm_lab.inference.generation import generate
 from fcdm_lab.rng import derive_seed
-from fcdm_lab.train import train
 
 
 def tiny_cfg():
@@ -40,12 +40,13 @@ def outputs(model, seed=0):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A 4-step tracked training run: (run folder, MLflow artifact folder pipeline/)."""
-    from fcdm_lab.tracking import tracked_run
+    from fcdm_lab.runner import run_experiment
+    from fcdm_lab.tracking.client import tracked_run
 
     root = tmp_path_factory.mktemp("diffusers-run")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with tracked_run("tiny", uri=uri) as tracker:
-        train(tiny_cfg(), root / "run", tracker=tracker, progress=False)
+        run_experiment(tracker, tiny_cfg(), root / "run", progress=False)
     artifacts = tracker.client.download_artifacts(tracker.run_id, "pipeline", str(root / "downloaded"))
     return root / "run", artifacts
 
@@ -53,7 +54,7 @@ def trained_run(tmp_path_factory):
 def test_run_folder_and_mlflow_artifact_round_trip(trained_run):
     run, artifact = trained_run
     assert (run / "model" / "config.json").is_file() and (run / "model" / "diffusion_pytorch_model.safetensors").is_file()
-    reference, _, info = load_checkpoint(run / "ema.safetensors")  # the EMA weights the trainer saved
+    reference, _, info = load_checkpoint(run / "checkpoints" / "step_0000004.pt")  # the final EMA weights
     assert info["weights"] == "ema"
     for folder in (run, run / "model", artifact):
         model = FCDM.from_pretrained(folder)

@@ -16,6 +16,7 @@ import fcdm_lab.eval.classifier as clf
 from fcdm_lab.data.digits import digits_arrays
 from fcdm_lab.errors import UserError
 from fcdm_lab.eval import fidelity
+from fcdm_lab.eval.metrics import count_tag
 from fcdm_lab.eval.fidelity import compute_metrics
 from fcdm_lab.eval.samples_io import from_uint8, load_samples, save_npz, save_png_folder, to_uint8
 
@@ -277,7 +278,7 @@ def test_inception_path_names_channels_and_weights_cache(tmp_path, monkeypatch, 
 
 
 def test_sample_count_tag():
-    assert [fidelity._count_tag(n) for n in (5000, 50000, 10000, 1500, 297)] == ["5k", "50k", "10k", "1500", "297"]
+    assert [count_tag(n) for n in (5000, 50000, 10000, 1500, 297)] == ["5k", "50k", "10k", "1500", "297"]
 
 
 # ---- sample files -------------------------------------------------------------------------------

@@ -160,7 +160,8 @@ def test_fashion_metrics_are_named_and_judged_by_the_fashion_classifier(monkeypa
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     from fcdm_lab.eval import fidelity
-    from fcdm_lab.eval.evaluate import compute_sample_metrics, expand_metric_names
+    from fcdm_lab.eval.evaluate import compute_sample_metrics
+    from fcdm_lab.eval.metrics import expand_metric_names
     from fcdm_lab.eval.samples_io import to_uint8
 
     spec = clf.CLASSIFIERS["fashion"]
@@ -293,7 +294,7 @@ def _fake_study_run(values):
     import json
 
     from fcdm_lab.studies.spec import load_study
-    from fcdm_lab.tracking import get_client
+    from fcdm_lab.tracking.client import get_client
 
     client = get_client()
     exp = client.get_experiment_by_name("fcdm-lab") or client.get_experiment(client.create_experiment("fcdm-lab"))

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from fcdm_lab.config import config_from_dict
-from fcdm_lab.tracking import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, browse_hint, get_client, git_state, tracked_run,
-                               train_tracked)
+from fcdm_lab.runner import train_tracked
+from fcdm_lab.tracking.client import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, get_client, tracked_run
+from fcdm_lab.tracking.record import git_state
+from fcdm_lab.tracking.ui import browse_hint
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -81,4 +83,4 @@ def test_training_run_records_world_size_device_and_source_commit(tmp_path):
     commit, _ = git_state()
     if commit is not None:
         assert run.data.tags["mlflow.source.git.commit"] == commit
-    assert {a.path for a in get_client().list_artifacts(run_id)} >= {"pipeline", "weights"}
+    assert {a.path for a in get_client().list_artifacts(run_id)} >= {"pipeline", "config.toml"}

@@ -8,7 +8,8 @@ import pytest
 
 from fcdm_lab.config import load_experiment
 from fcdm_lab.errors import UserError
-from fcdm_lab.tracking import RUN_FILE, train_tracked
+from fcdm_lab.runner import train_tracked
+from fcdm_lab.tracking.client import RUN_FILE
 
 TINY = {"model.C": 8, "model.L": 1, "train.batch_size": 16, "train.log_every": 1, "train.sample_every": 0,
         "train.ckpt_every": 2, "train.steps": 4, "eval.num_samples": 20, "eval.steps": 4, "eval.batch_size": 20,
@@ -65,3 +66,18 @@ def test_resume_continues_the_same_mlflow_run(store):
     again_metrics = evaluate_checkpoint(second.checkpoint, metrics=["class_acc_digits"], num_samples=20, seed=0,
                                         steps=4, run_id=run_id, progress=False)
     assert again_metrics["class_acc_digits"] == pytest.approx(run.data.metrics["class_acc_digits"])
+
+
+def test_a_killed_runs_resume_logs_no_step_twice_and_config_is_one_file(store):
+    """A hard kill (SIGKILL) after steps were logged but before their checkpoint: the resume recomputes
+    those steps (bit-identically on CPU) and does not log them again. config.toml in MLflow is the
+    run folder's own file (one serializer, written once)."""
+    cfg = load_experiment("tiny-digits", TINY)
+    _, run_id = train_tracked(cfg, "runs/k", progress=False)
+    first = {m.step: m.value for m in store.get_metric_history(run_id, "loss")}
+    Path("runs/k/checkpoints/step_0000004.pt").unlink()  # as if killed after step 4 was logged
+    train_tracked(cfg, "runs/k", resume="latest", progress=False)
+    history = store.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4] and {m.step: m.value for m in history} == first
+    logged = Path(store.download_artifacts(run_id, "config.toml", "downloaded")).read_bytes()
+    assert logged == Path("runs/k/config.toml").read_bytes()

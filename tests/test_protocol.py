@@ -72,7 +72,8 @@ def _save_reference(path, model, **args):
 
 def test_reference_flow_checkpoint_samples_as_flow_without_flags(tmp_path):
     from fcdm_lab.diffusion import FlowMatching
-    from fcdm_lab.inference import load_checkpoint, objective_for, sample_checkpoint
+    from fcdm_lab.inference.checkpoints import load_checkpoint, objective_for
+    from fcdm_lab.inference.samples import sample_checkpoint
 
     # the reference's flow runs: learn_sigma=False, args with the transport settings
     model = _tiny_fcdm(learn_sigma=False)
@@ -99,7 +100,7 @@ def test_reference_flow_checkpoint_samples_as_flow_without_flags(tmp_path):
 
 
 def test_num_classes_without_a_null_row(tmp_path):
-    from fcdm_lab.inference import load_checkpoint
+    from fcdm_lab.inference.checkpoints import load_checkpoint
 
     model = _tiny_fcdm(num_classes=4, dropout=0.0)  # no label dropout: a 4-row table, no null class
     assert model.y_embedder_1.embedding_table.num_embeddings == 4
@@ -112,8 +113,9 @@ def test_num_classes_without_a_null_row(tmp_path):
 
 
 def test_flow_model_trained_with_time_scale_1_samples_with_every_sampler(tmp_path):
-    from fcdm_lab.inference import generate, load_checkpoint, objective_for
-    from fcdm_lab.train import train
+    from fcdm_lab.inference.checkpoints import load_checkpoint, objective_for
+    from fcdm_lab.inference.generation import generate
+    from fcdm_lab.training.trainer import train
 
     cfg = load_experiment("tiny-digits", {"diffusion.objective": "flow", "train.steps": 20, "train.log_every": 10,
                                           "train.ckpt_every": 20, "train.sample_every": 0, "model.C": 16,
@@ -210,7 +212,7 @@ def test_evaluate_adm_protocol_end_to_end_uses_the_reference_statistics(tmp_path
 def test_killed_protocol_sampling_resumes_without_resampling_finished_shards(tmp_path, monkeypatch):
     from fcdm_lab.diffusion import create_objective
     from fcdm_lab.eval.protocol import sample_for_protocol
-    from fcdm_lab.inference import generation
+    import fcdm_lab.inference.generation as generation
     from fcdm_lab.inference.shards import shard_path
 
     model, obj = _tiny_fcdm(), create_objective("ddpm")

@@ -19,10 +19,11 @@ from fcdm_lab import signals
 from fcdm_lab.cli import main
 from fcdm_lab.config import config_from_dict
 from fcdm_lab.errors import UserError
-from fcdm_lab.train import read_checkpoint, train
-from fcdm_lab.train import checkpoint as ckpt_io
+from fcdm_lab.training import state as ckpt_io
+from fcdm_lab.training.state import read_checkpoint
+from fcdm_lab.training.trainer import train
 from fcdm_lab.fileio import check_output_dir
-from fcdm_lab.train.preflight import LOCK_FILE, run_folder_lock
+from fcdm_lab.training.preflight import LOCK_FILE, run_folder_lock
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -273,7 +274,7 @@ def test_text_file_as_checkpoint_and_guidance_channels_out_of_range(tmp_path, ca
 
 def test_folder_lock_refuses_a_second_holder_and_is_released_when_it_dies(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys; from fcdm_lab.train.preflight import run_folder_lock\n"
+        "import sys; from fcdm_lab.training.preflight import run_folder_lock\n"
         "with run_folder_lock(sys.argv[1]):\n    print('locked', flush=True); sys.stdin.read()"),
         str(tmp_path / "run")], env=cli_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

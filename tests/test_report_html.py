@@ -19,7 +19,7 @@ from PIL import Image
 
 from fcdm_lab.studies.report import EVAL_IMAGES, LOSS_METRIC, build_report
 from fcdm_lab.studies.report_html import render_html
-from fcdm_lab.tracking import Tracker, get_client
+from fcdm_lab.tracking.client import get_client, Tracker
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Per-seed fid_fashion (lower is better): k5 clearly better, resnet clearly worse, the rest noise.

@@ -9,9 +9,12 @@ import torch
 
 from fcdm_lab.config import config_from_dict, load_experiment
 from fcdm_lab.errors import UserError
-from fcdm_lab.eval import class_consistency, get_digits_classifier
-from fcdm_lab.inference import generate, load_checkpoint, objective_for, sample_checkpoint
-from fcdm_lab.train import read_checkpoint, train
+from fcdm_lab.eval.classifier import class_consistency, get_digits_classifier
+from fcdm_lab.inference.checkpoints import load_checkpoint, objective_for
+from fcdm_lab.inference.generation import generate
+from fcdm_lab.inference.samples import sample_checkpoint
+from fcdm_lab.training.state import read_checkpoint
+from fcdm_lab.training.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_fcdm import ReferenceFCDM  # noqa: E402
@@ -57,9 +60,10 @@ def test_sample_checkpoint_writes_pngs_npz_and_grid(digits_run, tmp_path):
     assert np.array_equal(np.load(again["npz"])["arr_0"], npz["arr_0"])
 
 
-def test_ema_safetensors_and_raw_weights(digits_run):
-    ema_model, cfg, info = load_checkpoint(digits_run.ema_path)
-    assert info["source"] == "fcdm-lab-ema" and info["weights"] == "ema" and cfg.name == "tiny-digits"
+def test_model_folder_and_raw_weights(digits_run):
+    ema_model, cfg, info = load_checkpoint(digits_run.model_dir)
+    assert info["source"] == "diffusers" and info["weights"] == "ema" and cfg.name == "tiny-digits"
+    assert info["step"] == digits_run.step and info["data_info"]["name"] == "digits"
     ckpt = read_checkpoint(digits_run.checkpoint)
     assert all(torch.equal(v, ckpt["ema"][k]) for k, v in ema_model.state_dict().items())
     raw, _, raw_info = load_checkpoint(digits_run.checkpoint, use_ema=False)

@@ -131,9 +131,9 @@ def test_two_worker_processes_share_one_study(tmp_path):
 
 
 def test_failing_trial_is_fail_and_the_study_goes_on(tmp_path, monkeypatch):
-    from fcdm_lab.train import trainer
+    from fcdm_lab import runner  # the run pipeline: where each trial's training is called
 
-    real_train, calls = trainer.train, []
+    real_train, calls = runner.train, []
 
     def flaky_train(cfg, out_dir, **kw):  # the first trial breaks in its first training chunk
         calls.append(kw.get("max_steps"))
@@ -141,7 +141,7 @@ def test_failing_trial_is_fail_and_the_study_goes_on(tmp_path, monkeypatch):
             raise RuntimeError("simulated crash")
         return real_train(cfg, out_dir, **kw)
 
-    monkeypatch.setattr(trainer, "train", flaky_train)
+    monkeypatch.setattr(runner, "train", flaky_train)
     # one objective that needs no sampling (fast); evaluated every 2 of 4 steps: two training chunks
     path = write_sweep(tmp_path, objectives='[ { metric = "final_loss" } ]', eval_every="2")
     result = sw.run_sweep(path, storage="sqlite:///optuna.db", progress=False)

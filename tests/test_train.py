@@ -13,9 +13,11 @@ import torch
 
 from fcdm_lab.config import config_from_dict, load_experiment
 from fcdm_lab.errors import UserError
-from fcdm_lab.train import TrainingDiverged, read_checkpoint, train
-from fcdm_lab.train import checkpoint as ckpt_io
-from fcdm_lab.train.trainer import ResumableSampler
+from fcdm_lab.training import state as ckpt_io
+from fcdm_lab.training.components import ResumableSampler
+from fcdm_lab.training.state import read_checkpoint
+from fcdm_lab.training.hooks import RunFiles, SampleGrids, TrainHook
+from fcdm_lab.training.trainer import TrainingDiverged, train
 
 WORKER = Path(__file__).parent / "_train_worker.py"
 REPO = Path(__file__).resolve().parent.parent
@@ -103,9 +105,9 @@ def test_two_process_accelerate_run(tmp_path):
     # each process has its own noise stream, and the global batch of 8 was split 4 + 4
     assert not torch.equal(ckpt["rng"][0]["noise"], ckpt["rng"][1]["noise"])
     assert ckpt["data_pos"] == 4 * 8 and np.isfinite(ckpt["loss"])
-    assert (tmp_path / "run" / "ema.safetensors").is_file()
+    assert (tmp_path / "run" / "model" / "diffusion_pytorch_model.safetensors").is_file()
     # sampling shared by the two processes (batches 0, 2 and 1, 3) gives what one process gives
-    from fcdm_lab.inference import sample_checkpoint
+    from fcdm_lab.inference.samples import sample_checkpoint
 
     sample_checkpoint(tmp_path / "run", tmp_path / "samples-1p", progress=False, **sample)
     two, one = np.load(tmp_path / "samples-2p" / "samples.npz"), np.load(tmp_path / "samples-1p" / "samples.npz")
@@ -113,21 +115,27 @@ def test_two_process_accelerate_run(tmp_path):
     assert np.array_equal(two["arr_0"], one["arr_0"]) and np.array_equal(two["labels"], one["labels"])
 
 
+class Recorder(TrainHook):
+    """A hook that records what the loop reports: metrics per log step, checkpoint steps, images."""
+
+    def __init__(self):
+        self.logged, self.images, self.checkpoints = [], [], []
+
+    def on_log(self, run, metrics):
+        self.logged.append((run.step, metrics))
+
+    def on_checkpoint(self, run, path):
+        self.checkpoints.append(run.step)
+
+    def log_image(self, image, key, step):
+        self.images.append((np.asarray(image).shape, key, step))
+
+
 def test_checkpoint_layout_keep_last_and_final_files(tmp_path):
     cfg = config_from_dict(tiny(steps=6, ckpt_every=2, keep_last=2, sample_every=3))
-    logged, images, artifacts = [], [], []
-
-    class Tracker:
-        def log_metrics(self, metrics, step):
-            logged.append((step, metrics))
-
-        def log_image(self, image, key, step=0):
-            images.append((np.asarray(image).shape, key, step))
-
-        def log_artifact(self, local_path, artifact_path=None):
-            artifacts.append(local_path)
-
-    result = train(cfg, tmp_path / "run", tracker=Tracker(), progress=False)
+    rec = Recorder()
+    result = train(cfg, tmp_path / "run", hooks=[RunFiles(), SampleGrids(log_image=rec.log_image), rec], progress=False)
+    logged, images = rec.logged, rec.images
     assert [s for s, _ in ckpt_io.list_checkpoints(tmp_path / "run")] == [4, 6]
     ckpt = read_checkpoint(result.checkpoint)
     assert {"model", "ema", "opt", "args", "step", "rng", "data_pos", "model_info", "data_info",
@@ -143,19 +151,21 @@ def test_checkpoint_layout_keep_last_and_final_files(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png")) == ["step_0000003.png",
                                                                                       "step_0000006.png"]
     assert [(k, s) for _, k, s in images] == [("samples", 3), ("samples", 6)] and images[-1][0][2] == 3
-    # final EMA weights (== the final checkpoint's EMA) and the resolved config, which reloads as it was
+    # the final EMA model, in its one format (the diffusers folder: == the final checkpoint's EMA), and the
+    # resolved config, which reloads as it was
     from safetensors.torch import load_file
 
-    ema = load_file(result.ema_path)
-    assert all(torch.equal(ema[k], v) for k, v in ckpt["ema"].items())
+    assert result.model_dir == tmp_path / "run" / "model" and rec.checkpoints == [2, 4, 6]  # keep_last then pruned 2
+    ema = load_file(result.model_dir / "diffusion_pytorch_model.safetensors")
+    assert set(ema) == set(ckpt["ema"]) and all(torch.equal(ema[k], v) for k, v in ckpt["ema"].items())
+    assert not (tmp_path / "run" / "ema.safetensors").exists()
     reloaded = load_experiment(str(tmp_path / "run" / "config.toml"))
     assert reloaded.to_dict() == cfg.to_dict()
-    assert str(tmp_path / "run" / "config.toml") in artifacts
     assert np.isfinite(result.final_loss) and result.images_per_s > 0
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from fcdm_lab.train import trainer
+    from fcdm_lab.training import trainer
 
     real = trainer.create_objective
 
@@ -252,19 +262,9 @@ def test_unknown_eval_sampler_fails_before_training(tmp_path):
 
 def test_grad_accum_and_max_steps(tmp_path):
     cfg = config_from_dict(tiny(steps=8, grad_accum=2, grad_clip=1.0, warmup_steps=4))
-    logged = []
-
-    class Tracker:
-        def log_metrics(self, metrics, step):
-            logged.append(metrics)
-
-        def log_image(self, image, key, step=0):
-            pass
-
-        def log_artifact(self, local_path, artifact_path=None):
-            pass
-
-    result = train(cfg, tmp_path / "run", tracker=Tracker(), progress=False, max_steps=4)
+    rec = Recorder()
+    result = train(cfg, tmp_path / "run", hooks=[rec], progress=False, max_steps=4)
+    logged = [m for _, m in rec.logged]
     assert result.step == 4 and read_checkpoint(result.checkpoint)["data_pos"] == 4 * 8
     assert [m["lr"] for m in logged] == [pytest.approx(1e-3 * 2 / 4), pytest.approx(1e-3)]
     assert all("grad_norm" in m for m in logged)

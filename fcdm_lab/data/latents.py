@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from fcdm_lab.data.registry import DATASETS, DataRequest, DataSplit
 from fcdm_lab.errors import UserError, choices
+from fcdm_lab.progress import track
 
 FORMAT = "fcdm-lab-latents"
 FORMAT_VERSION = 1
@@ -456,7 +457,7 @@ def extract_latents(images: str, vae: str, out: str, image_size: int = 256, batc
 
     def batches():
         with torch.inference_mode():
-            for x, y in _track(loader, progress, f"encoding {len(dataset)} images"):
+            for x, y in track(loader, progress, f"encoding {len(dataset)} images"):
                 x = x.to(device, non_blocking=True)
                 if flip == "random":
                     mirrored = (torch.rand(len(x), generator=flip_draws) < 0.5).to(device)
@@ -471,12 +472,3 @@ def extract_latents(images: str, vae: str, out: str, image_size: int = 256, batc
             "image_size": image_size, "num_images": len(dataset), "source": os.path.abspath(dataset.root),
             "seed": seed}
     return write_latent_store(out_abs, batches(), meta, shard_size=shard_size, dtype=dtype, overwrite=overwrite)
-
-
-def _track(iterable, enabled: bool, description: str):
-    if not enabled:
-        yield from iterable
-        return
-    from rich.progress import track
-
-    yield from track(iterable, description=description, total=len(iterable))

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .gaussian import ModelFn, initial_noise, mean_flat, progress_iter, resolve_sampler
+from ..progress import track
+from .gaussian import ModelFn, initial_noise, mean_flat, resolve_sampler
 
 
 class FlowMatching:
@@ -116,7 +117,7 @@ class FlowMatching:
 
         if sampler == "sde":
             raise UserError("integrate() solves the ODE (euler, heun); the sde sampler is sample_sde()")
-        for i in progress_iter(range(steps), progress, steps, f"{sampler} sampling"):
+        for i in track(range(steps), progress, f"{sampler} sampling", steps):
             t0, t1 = times[i], times[i + 1]
             dt = t1 - t0
             v0 = v(x, t0)
@@ -153,7 +154,7 @@ class FlowMatching:
                               model_kwargs)
             return (1.0 + t) * v - x_  # v + w(t) * score, w = 1 - t, score = (t v - x) / (1 - t)
 
-        for t in progress_iter(times[:-1], progress, steps - 1, "sde sampling"):
+        for t in track(times[:-1], progress, "sde sampling", steps - 1):
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = x + drift(x, t) * dt + math.sqrt(2.0 * (1.0 - t) * dt) * noise
         return x + drift(x, t_end) * self.sde_last_step

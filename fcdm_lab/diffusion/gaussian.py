@@ -17,13 +17,14 @@ from __future__ import annotations
 import enum
 import math
 import numbers
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import UserError, choices
+from ..progress import track
 from .respace import respace_betas, space_timesteps
 
 ModelFn = Callable[..., torch.Tensor]  # model_fn(x, t, **model_kwargs) -> (B, C or 2C, ...)
@@ -69,15 +70,6 @@ def initial_noise(
     if device is None and isinstance(model_fn, torch.nn.Module):
         device = next(model_fn.parameters()).device
     return torch.randn(shape, generator=generator, device=device or "cpu")
-
-
-def progress_iter(steps: Iterable[int], progress: bool, total: int, description: str) -> Iterable[int]:
-    """`steps`, wrapped in a transient rich progress bar when `progress` is set."""
-    if not progress:
-        return steps
-    from rich.progress import track  # only needed for interactive runs
-
-    return track(steps, total=total, description=description, transient=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,8 +452,8 @@ class GaussianDiffusion:
         """Run the whole chain from x_T = noise down to x_0 with "ddpm" (ancestral) or "ddim" steps."""
         sampler = resolve_sampler(sampler, ("ddpm", "ddim"), "ddpm")
         x = noise
-        for i in progress_iter(
-            reversed(range(self.num_timesteps)), progress, self.num_timesteps, f"{sampler} sampling"
+        for i in track(
+            reversed(range(self.num_timesteps)), progress, f"{sampler} sampling", self.num_timesteps
         ):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             if sampler == "ddpm":

@@ -25,6 +25,8 @@ from filelock import FileLock
 from safetensors.torch import load_file, save
 
 from fcdm_lab.errors import UserError
+from fcdm_lab.data.digits import digits_arrays
+from fcdm_lab.data.fashion import fashion_arrays  # a UserError with the install hint when the files are absent
 from fcdm_lab.fileio import atomic_write
 
 NATIVE_SIZE = 8  # the digits'
@@ -108,26 +110,17 @@ class ImageClassifier(nn.Module):
         return self.head(self.body(self.prepare(x)))
 
 
-DigitsClassifier = ImageClassifier  # the original name, kept for callers that judge digits
-
-
 def _digits_train() -> tuple[torch.Tensor, torch.Tensor]:
-    from fcdm_lab.data.digits import digits_arrays
-
     x, y = digits_arrays("train")
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def _digits_test() -> tuple[torch.Tensor, torch.Tensor]:
-    from fcdm_lab.data.digits import digits_arrays
-
     x, y = digits_arrays("test")
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def _fashion_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from fcdm_lab.data.fashion import fashion_arrays  # UserError with the install hint when absent
-
     x, y = fashion_arrays(split)
     return torch.from_numpy(x), torch.from_numpy(y)
 

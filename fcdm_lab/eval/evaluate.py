@@ -3,112 +3,37 @@
     metrics = evaluate_checkpoint("runs/tiny/checkpoints/step_0001500.pt")     # the CLI's evaluate
     metrics = evaluate_model(model, cfg, tracker=tracker, step=1500)           # in-process (ablate)
 
-Metric names say which features judged them (facts: proxy metrics must never pass for FID-50K):
-  fid_digits, kid_digits, is_digits, precision_digits, recall_digits   the digits CNN's features
-  class_acc_digits                                                     share of samples the digits
-                                                                       classifier labels as their class
-  fid_fashion, ..., class_acc_fashion                                  the same with the Fashion-MNIST CNN
-  fid_inception, kid_inception, is_inception, precision_inception, recall_inception
-                                                                       Inception-v3; the result key
-                                                                       carries the sample count
-                                                                       (fid_inception_5k)
-Short names (fid, kid, is, prc) pick the digits CNN for digits data, the Fashion-MNIST CNN for
-fashion-mnist and Inception otherwise.
+The metric names and what judges them: eval/metrics.py.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping
+from typing import Dict, Iterable, Mapping
 
 import torch
 
+from ..accel import configure_tf32
+from ..config import ExperimentConfig
 from ..errors import UserError, choices
+from ..inference.checkpoints import load_checkpoint, objective_for
+from ..inference.generation import IMAGE_CHANNELS, generate, load_vae_for
+from ..inference.samples import grid_array
+from ..tracking.client import RunPointer, attach_run, get_client, tracked_run
 from ..urls import redact
+from .classifier import get_classifier
+from .protocol import evaluate_protocol, get_protocol, require_reference
+from .samples_io import check_sample_source, save_npz
+from .metrics import (CLASSIFIER_DATA, INCEPTION_METRICS, ISC_SPLITS, REFERENCES, check_metric_names, check_metrics_for,
+                      expand_metric_names, plan_metrics, reference_for, result_key_matches)
 
-FEATURE_METRICS = {"fid": "fid", "kid": "kid", "is": "is", "precision": "prc", "recall": "prc"}
-EXTRACTOR_TAGS = ("digits", "inception", "fashion")
-CLASS_ACC = "class_acc_digits"
-CLASSIFIER_DATA = {"digits": "digits", "fashion": "fashion-mnist"}  # our CNN judges -> the data they judge
-CLASS_ACCS = {f"class_acc_{tag}": tag for tag in CLASSIFIER_DATA}
-METRIC_NAMES = tuple([f"{m}_{tag}" for tag in EXTRACTOR_TAGS for m in FEATURE_METRICS] + list(CLASS_ACCS))
-INCEPTION_METRICS = tuple(f"{m}_inception" for m in FEATURE_METRICS)
 GRID_SIZE = 64
-
-
-def check_metric_names(names: Iterable[str]) -> List[str]:
-    names = list(names)
-    if not names:
-        raise UserError(f"no metrics requested; valid: {choices(METRIC_NAMES)}")
-    bad = [n for n in names if n not in METRIC_NAMES]
-    if bad:
-        raise UserError(f"unknown metric {bad[0]!r}; valid: {choices(METRIC_NAMES)}")
-    return names
-
-
-def expand_metric_names(names: Iterable[str], data_name: str) -> List[str]:
-    """Short names as torch-fidelity calls them ("fid", "kid", "is", "prc") -> the judged names:
-    the dataset's own CNN for digits / fashion-mnist data, Inception otherwise. Full names pass through."""
-    tag = next((t for t, data in CLASSIFIER_DATA.items() if data == data_name), "inception")
-    out: List[str] = []
-    for name in names:
-        short = {"prc": ["precision", "recall"]}.get(name, [name] if name in FEATURE_METRICS else None)
-        for n in ([f"{m}_{tag}" for m in short] if short else [name]):
-            if n not in out:
-                out.append(n)
-    return out
-
-
-def plan_metrics(names: Iterable[str]) -> Dict[str, Any]:
-    """{"digits": torch-fidelity metrics for the digits CNN, "fashion": ..., "inception": ...,
-    "labels": the CNN judging class consistency ("digits" | "fashion") or False}."""
-    plan: Dict[str, Any] = {"digits": [], "fashion": [], "inception": [], "labels": False}
-    for name in check_metric_names(names):
-        if name in CLASS_ACCS:
-            if plan["labels"] and plan["labels"] != CLASS_ACCS[name]:
-                raise UserError("class_acc_digits and class_acc_fashion judge different data; ask for one")
-            plan["labels"] = CLASS_ACCS[name]
-            continue
-        metric, tag = name.rsplit("_", 1)
-        fid_name = FEATURE_METRICS[metric]
-        if fid_name not in plan[tag]:
-            plan[tag].append(fid_name)
-    return plan
-
-
-def result_key_matches(requested: str, key: str) -> bool:
-    """Does a result key answer a requested metric? 'fid_inception' -> 'fid_inception_5k'
-    (the sample count is added to Inception metrics); '_std' companions do not count."""
-    if key.endswith("_std"):
-        return False
-    return key == requested or (requested.endswith("_inception") and key.startswith(requested + "_"))
-
-
-def metric_key(requested: str, keys: Iterable[str]) -> str | None:
-    """The result key among `keys` that answers `requested` (None if absent)."""
-    return next((k for k in sorted(keys) if result_key_matches(requested, k)), None)
-
-
-def default_reference(cfg) -> str:
-    """The real images to compare with when none is given: the training split for digits / fashion-mnist."""
-    if cfg.data.name == "digits":
-        return "digits-train"
-    if cfg.data.name == "fashion-mnist":
-        return "fashion-train"
-    raise UserError(f"give a reference set for data {cfg.data.name!r} (--reference / eval.reference): a folder "
-                    f"of PNGs or an ADM .npz of real images; 'digits-train' and 'digits-test' serve digits data")
-
-
-def reference_for(cfg):
-    """The reference set an evaluation of `cfg` scores against: eval.reference, else the default."""
-    return cfg.eval.reference or default_reference(cfg)
-
 
 def compute_sample_metrics(images: torch.Tensor, labels: torch.Tensor | None, *, metrics: Iterable[str],
                            reference, data_name: str, inception_weights=None) -> Dict[str, float]:
     """Metrics of a uint8 sample set (N, C, H, W) by the names above; `labels` are the classes the
     samples were conditioned on (needed for class_acc_*)."""
-    from . import compute_metrics
+    from .fidelity import compute_metrics  # torch-fidelity: seconds to import, only when metrics are computed
 
     plan = plan_metrics(metrics)
     out: Dict[str, float] = {}
@@ -121,7 +46,6 @@ def compute_sample_metrics(images: torch.Tensor, labels: torch.Tensor | None, *,
                             f"(got {data_name!r}); use the *_inception metrics ({choices(INCEPTION_METRICS)})")
         if judged and labels is None:
             raise UserError(f"class_acc_{tag} needs the class labels the samples were conditioned on")
-        from .classifier import get_classifier
 
         # Train/cache the judge here, with autograd on: class_consistency runs under torch.no_grad,
         # where a first-use training of the classifier would fail.
@@ -136,24 +60,11 @@ def compute_sample_metrics(images: torch.Tensor, labels: torch.Tensor | None, *,
             if any(result_key_matches(w, k[:-4] if k.endswith("_std") else k) for w in wanted)}
 
 
-def check_metrics_for(metrics: Iterable[str], data_name: str) -> List[str]:
-    """The metric names an evaluation of `data_name` data will compute (short names expanded), or a
-    one-line UserError: an unknown name, or a dataset CNN's metric on other data."""
-    names = check_metric_names(expand_metric_names(metrics, data_name))
-    plan = plan_metrics(names)
-    for tag, data in CLASSIFIER_DATA.items():
-        if (plan[tag] or plan["labels"] == tag) and data_name != data:
-            raise UserError(f"*_{tag} metrics judge with the {tag} classifier and need data.name = {data!r} "
-                            f"(got {data_name!r}); use the *_inception metrics ({choices(INCEPTION_METRICS)})")
-    return names
-
-
 def check_inputs(*, samples=None, reference=None, inception_weights=None, min_samples: int = 1) -> None:
     """Refuse bad evaluation input before anything is created or sampled: the samples and the
     reference (a named reference set, or a folder / .npz checked from its headers; an .npz of
     precomputed FID statistics counts), and the Inception weights file."""
-    from .fidelity import REFERENCES, check_inception_weights
-    from .samples_io import check_sample_source
+    from .fidelity import check_inception_weights  # torch-fidelity: seconds to import
 
     if samples is not None:
         count = check_sample_source(samples, "samples")
@@ -183,7 +94,6 @@ def _has_fid_statistics(path: Path) -> bool:
 
 def _grid(images: torch.Tensor):
     """First GRID_SIZE samples as one HWC uint8 array (small images enlarged, as the trainer's grids)."""
-    from ..inference import grid_array
 
     return grid_array(images[:GRID_SIZE], nrow=8)
 
@@ -198,7 +108,6 @@ def evaluate_model(model: torch.nn.Module, cfg, *, num_samples: int | None = Non
     `weights` ("ema" | "raw") only labels what the model holds; `data_info` (the trainer's) names
     the VAE of latent models (`vae`: another one). `objective`: the diffusion objective (default:
     cfg's). Returns {metric: value} (KID/IS with their _std companions)."""
-    from ..inference import IMAGE_CHANNELS, generate, load_vae_for, objective_for
 
     ev = cfg.eval
     metrics = check_metric_names(expand_metric_names(ev.metrics if metrics is None else metrics, cfg.data.name))
@@ -224,7 +133,6 @@ def evaluate_model(model: torch.nn.Module, cfg, *, num_samples: int | None = Non
                               distributed=False)
     sample_time = time.time() - start
     if save_dir is not None:
-        from .samples_io import save_npz
 
         save_npz(Path(save_dir) / f"samples_{weights}_step{step or 0}_n{num}.npz", images)
     values = compute_sample_metrics(images, labels, metrics=metrics, reference=reference, data_name=cfg.data.name,
@@ -256,23 +164,16 @@ def evaluate_checkpoint(checkpoint, *, num_samples: int | None = None, metrics: 
     objective (and flow time scale) is the checkpoint's (config or reference args) unless `objective`
     / `time_scale` are given; `vae` decodes latents; tf32: TF32 CUDA math (the reference's setting).
     """
-    from ..accel import configure_tf32
-    from ..tracking import RunPointer, attach_run, get_client, tracked_run
-    from ..inference import load_checkpoint, objective_for
 
     say = console.print if console is not None else (print if progress else (lambda *a, **k: None))
     if protocol is not None or samples is not None:
-        from .protocol import get_protocol
 
         protocol = get_protocol(protocol or "adm").name
-    from .fidelity import ISC_SPLITS  # torch-fidelity: seconds to import, only when evaluating
-
     check_inputs(samples=samples, reference=reference, inception_weights=inception_weights,
                  min_samples=ISC_SPLITS if samples is not None else 1)
     if checkpoint is None:
         if samples is None:
             raise UserError("give a checkpoint to evaluate (--checkpoint) or existing samples to score (--samples)")
-        from .protocol import evaluate_protocol, require_reference
 
         require_reference(reference)
         return _log_samples_eval(samples, lambda tr: evaluate_protocol(
@@ -293,7 +194,6 @@ def evaluate_checkpoint(checkpoint, *, num_samples: int | None = None, metrics: 
     obj = objective_for(cfg, model, info, objective=objective, time_scale=time_scale)
     data_info = info.get("data_info") or {}
     if cfg is None:  # a reference checkpoint: no recorded config, evaluation settings from the defaults
-        from ..config import ExperimentConfig
 
         cfg = ExperimentConfig(name=path.stem)
         cfg.data.name = data_info.get("name", "latents" if int(model.config.in_channels) == 4 else "unknown")
@@ -303,7 +203,6 @@ def evaluate_checkpoint(checkpoint, *, num_samples: int | None = None, metrics: 
     if protocol is None:  # every refusal before a run is opened or a sample drawn
         check_metrics_for(cfg.eval.metrics if metrics is None else metrics, cfg.data.name)
     else:
-        from .protocol import require_reference
 
         require_reference(reference or cfg.eval.reference)
     say(f"Evaluating the {'EMA' if weights == 'ema' else 'raw (non-EMA)'} weights of {path}"
@@ -311,8 +210,6 @@ def evaluate_checkpoint(checkpoint, *, num_samples: int | None = None, metrics: 
         + (f", time scale {obj.time_scale:g}" if obj.name == "flow" else "")
         + f", from {'the command line' if objective or time_scale else (info.get('diffusion') or {}).get('source', 'config')})")
     if protocol is not None:
-        from ..inference import IMAGE_CHANNELS, load_vae_for
-        from .protocol import evaluate_protocol
 
         scale = None
         if vae is not None or int(model.config.in_channels) not in IMAGE_CHANNELS:
@@ -377,7 +274,6 @@ def _log_samples_eval(samples, run, *, track: bool, uri: str | None, say, run_id
     track=False)."""
     if not track:
         return run(None)
-    from ..tracking import attach_run, tracked_run
 
     if run_id is not None:
         target = attach_run(run_id, uri)  # the store and the run must exist: nothing is created

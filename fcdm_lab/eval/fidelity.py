@@ -57,6 +57,8 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from fcdm_lab.errors import UserError, choices
+from fcdm_lab.data.digits import digits_arrays
+from fcdm_lab.data.fashion import fashion_arrays
 from fcdm_lab.eval.classifier import (
     FEATURE_DIM,
     cache_root,
@@ -64,6 +66,7 @@ from fcdm_lab.eval.classifier import (
     classifier_cache_path,
     get_classifier,
 )
+from fcdm_lab.eval.metrics import DIGITS_REFERENCES, FASHION_REFERENCES, ISC_SPLITS, REFERENCES, count_tag
 from fcdm_lab.eval.samples_io import NPZ_KEYS, check_images_uint8, from_uint8, load_samples, to_uint8
 
 DIGITS_EXTRACTOR = "digits-cnn"
@@ -72,9 +75,6 @@ INCEPTION_EXTRACTOR = "inception-v3-compat"
 EXTRACTORS = {"digits": DIGITS_EXTRACTOR, "inception": INCEPTION_EXTRACTOR, "fashion": FASHION_EXTRACTOR}
 CLASSIFIER_EXTRACTORS = ("digits", "fashion")  # our own CNNs (classifier.CLASSIFIERS); they also judge labels
 METRICS = ("fid", "kid", "is", "prc")
-DIGITS_REFERENCES = {"digits-train": "train", "digits-test": "test"}
-FASHION_REFERENCES = {"fashion-train": "train", "fashion-test": "test"}
-REFERENCES = (*DIGITS_REFERENCES, *FASHION_REFERENCES)
 INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
 # sha256 and size of that file. torch-fidelity publishes only the digest's first 8 hex digits (torch
 # hub's file-name convention); the full digest and size are the values several independent projects
@@ -86,7 +86,6 @@ INCEPTION_WEIGHTS_SIZE = 95_628_359
 PUBLISHED_INCEPTION_FILES = (INCEPTION_WEIGHTS_FILE, "pt_inception-2015-12-05-6726825d.pth")
 KID_MAX_SUBSET = 1000  # torch-fidelity's default subset size, lowered when a set is smaller
 PRC_NEIGHBORHOOD = 3
-ISC_SPLITS = 10
 BATCH_SIZE = DEFAULTS["batch_size"]  # torch-fidelity's: the same batches, the same numbers
 
 log = logging.getLogger(__name__)
@@ -244,12 +243,8 @@ def resolve_images(images, what: str = "samples") -> torch.Tensor:
     split name ("digits-train", "digits-test", "fashion-train", "fashion-test")."""
     if isinstance(images, (str, os.PathLike)):
         if isinstance(images, str) and images in DIGITS_REFERENCES:
-            from fcdm_lab.data.digits import digits_arrays
-
             return to_uint8(torch.from_numpy(digits_arrays(DIGITS_REFERENCES[images])[0]))
         if isinstance(images, str) and images in FASHION_REFERENCES:
-            from fcdm_lab.data.fashion import fashion_arrays
-
             return to_uint8(torch.from_numpy(fashion_arrays(FASHION_REFERENCES[images])[0]))
         if not Path(images).exists():
             raise UserError(f"{what} {str(images)!r} is neither an existing folder / .npz file nor a "
@@ -482,11 +477,6 @@ def _features(images: torch.Tensor, net: FeatureExtractorBase, cuda: bool) -> di
     return get_featuresdict_from_dataset(UInt8Images(images), net, BATCH_SIZE, cuda, True, False)
 
 
-def _count_tag(n: int) -> str:
-    """5000 -> '5k', 50000 -> '50k', 1234 -> '1234'."""
-    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
-
-
 def compute_metrics(samples, reference, *, extractor: str = "digits", metrics: Iterable[str] = ("fid", "kid"),
                     inception_weights: str | os.PathLike | None = None, labels=None,
                     cache_dir: str | os.PathLike | None = None) -> dict[str, float]:
@@ -555,7 +545,7 @@ def compute_metrics(samples, reference, *, extractor: str = "digits", metrics: I
         net_cls = INCEPTION_NETWORK
         state_dict, digest = load_inception_weights(inception_weights)  # tensors only, checked
         weights_id = f"inception-{digest[:16]}"
-        tag = f"inception_{_count_tag(len(fake))}"
+        tag = f"inception_{count_tag(len(fake))}"
         # Inception wants RGB; grayscale digits become 3 equal channels.
         fake = fake.expand(-1, 3, -1, -1) if fake.shape[1] == 1 else fake
         real = real.expand(-1, 3, -1, -1) if real.shape[1] == 1 else real

@@ -25,6 +25,9 @@ import torch
 
 from ..errors import UserError, choices
 from ..fileio import atomic_write
+from ..inference.generation import BatchSampler
+from ..inference.shards import read_shards, sample_to_shards
+from .metrics import count_tag
 
 
 @dataclass(frozen=True)
@@ -52,11 +55,6 @@ def get_protocol(name: str) -> Protocol:
     if name not in PROTOCOLS:
         raise UserError(f"unknown evaluation protocol {name!r}; choose one of: {choices(PROTOCOLS)}")
     return PROTOCOLS[name]
-
-
-def count_tag(n: int) -> str:
-    """50000 -> '50k', 10000 -> '10k', 1234 -> '1234' (the metric names carry the sample count)."""
-    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
 
 
 def protocol_metric_names(values: Dict[str, float], n: int) -> Dict[str, float]:
@@ -99,8 +97,6 @@ def sample_for_protocol(model: torch.nn.Module, objective, out_dir, *, protocol:
     "settings", "sampled", "reused"}."""
     from accelerate import PartialState
 
-    from ..inference.generation import BatchSampler
-    from ..inference.shards import read_shards, sample_to_shards
 
     p = get_protocol(protocol)
     num = p.num_samples if num_samples is None else int(num_samples)

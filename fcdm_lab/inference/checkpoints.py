@@ -29,6 +29,7 @@ from ..diffusion import OBJECTIVES, create_objective
 from ..errors import UserError, choices
 from ..models import create_model
 from ..models.pretrained import load_pretrained, model_folder
+from ..training import state as ckpt_io
 
 # Keys of the reference's flow training arguments (train_gen_flow's parse_transport_args): their
 # presence in a checkpoint's `args` marks a flow-matching model.
@@ -135,13 +136,6 @@ def _config_or_none(args: Any) -> ExperimentConfig | None:
         return None
 
 
-def _ckpt_io():
-    # Imported when called: fcdm_lab.train's package imports the trainer, which imports this package.
-    from ..train import checkpoint
-
-    return checkpoint
-
-
 ARTIFACTS = ("a run folder", "its model/ folder", "model/diffusion_pytorch_model.safetensors", "ema.safetensors",
              "checkpoints/step_*.pt", "a reference FCDM checkpoint")
 
@@ -150,7 +144,6 @@ def _resolve_path(path: Path) -> Path:
     """What a path given as a model means: a run folder its newest training checkpoint (raw and EMA
     weights), else its diffusers model, else its ema.safetensors; a diffusers model file (weights
     or config) its model folder; anything else itself."""
-    ckpt_io = _ckpt_io()
     if path.is_dir():
         found = ckpt_io.find_latest_checkpoint(path)
         if found is not None:
@@ -179,7 +172,6 @@ def load_checkpoint(path: str | os.PathLike, *, use_ema: bool = True, device: st
     "model": which were loaded), step (or None), model_info, data_info (or None), diffusion
     ({objective, time_scale, sampler, source}: see the module docstring).
     """
-    ckpt_io = _ckpt_io()
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint {str(path)!r} does not exist; pass one of what a run writes: {choices(ARTIFACTS)}")

@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
+from ..data.latents import load_vae
 from ..diffusion import guided_model_fn
 from ..errors import UserError, choices
+from ..progress import track
 from ..eval.samples_io import to_uint8
 from ..rng import all_gather, derive_seed
 
@@ -58,8 +60,6 @@ def grid_labels(num_classes: int, per_class: int = 8) -> torch.Tensor:
 def load_vae_for(data_info: dict | None, vae: Any = None, device: str | torch.device = "cpu"):
     """(AutoencoderKL, latent scale) for decoding latents: `vae` (a local folder, a hub name or a
     model) or the one named in the data info; the scale is the data's, else the VAE config's."""
-    from ..data.latents import load_vae
-
     named = ((data_info or {}).get("vae") or {})
     ident = vae if vae is not None else named.get("id")
     if ident is None:
@@ -133,23 +133,6 @@ class BatchSampler:
                                   noise=noise, model_kwargs={"y": y.to(self.device)}, generator=gen,
                                   device=self.device)
         return decode_and_quantize(x, self.vae, self.latent_scale), y
-
-
-def track(items, enabled: bool, description: str, total: int | None = None, completed: int = 0):
-    """`items`, with a rich progress bar (elapsed and remaining time) when enabled."""
-    if not enabled:
-        yield from items
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, transient=True) as progress:
-        task = progress.add_task(description, total=total, completed=completed)
-        for item in items:
-            yield item
-            progress.advance(task)
 
 
 @torch.no_grad()

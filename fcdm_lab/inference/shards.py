@@ -20,7 +20,8 @@ import torch
 
 from ..errors import UserError
 from ..fileio import atomic_write, atomic_write_json
-from .generation import BatchSampler, _distributed, track
+from ..progress import track
+from .generation import BatchSampler, _distributed
 
 MANIFEST = "manifest.json"
 

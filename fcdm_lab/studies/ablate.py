@@ -29,13 +29,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from ..errors import UserError
+from ..eval.metrics import lower_is_better, metric_key
 from ..urls import without_password
-from ..tracking import (DEFAULT_EXPERIMENT, STATUS_FAILED, STATUS_FINISHED, STATUS_KILLED, STATUS_RUNNING,
-                        browse_hint, experiment_id, get_client, git_state, package_versions, resolve_tracking_uri,
-                        tracked_run)
+from ..tracking.client import (DEFAULT_EXPERIMENT, experiment_id, get_client, resolve_tracking_uri, STATUS_FAILED, STATUS_FINISHED, STATUS_KILLED, STATUS_RUNNING, tracked_run)
+from ..tracking.record import git_state, package_versions
+from ..tracking.ui import browse_hint
 from .engine import PARENT_ATTR, URI_ATTR, Launcher, check_parent_reachable, claim_waiting, run_workers, work
 from .report import STUDY_FILE, Report, build_report
-from ..train.preflight import check_config
+from ..training.preflight import check_config
+from ..training.state import find_latest_checkpoint
 from .spec import ChildPlan, StudyPlan, StudySpec, list_studies, load_study, plan_study
 from .storage import DEFAULT_STORAGE, check_storage_url, open_storage, redact, sqlite_init_lock
 
@@ -144,9 +146,7 @@ class AblationJob:
             study.tell(trial, state=TrialState.PRUNED)
 
     def run(self, trial) -> float:
-        from ..eval.evaluate import metric_key
-        from ..pipeline import run_pipeline
-        from ..train.checkpoint import find_latest_checkpoint
+        from ..runner import run_experiment
 
         variant, seed = _key(trial)
         child = self.children.get((variant, seed))
@@ -168,7 +168,7 @@ class AblationJob:
         with tracked_run(f"{variant}-seed{seed}", uri=self.uri, parent_run_id=self.parent_id, tags=tags,
                          run_id=existing.info.run_id if existing is not None else None) as tracker:
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
-            out = run_pipeline(tracker, cfg, folder, resume=resume, evaluate=True, eval_seed=seed,
+            out = run_experiment(tracker, cfg, folder, resume=resume, evaluate=True, eval_seed=seed,
                                progress=self.progress, study=self.spec.name, variant=variant, seed=seed)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in out.metrics.items() if not k.endswith("_std"))
         self.console.print(f"  {variant} seed {seed}: {shown}", highlight=False)
@@ -223,7 +223,7 @@ def _create_parent(client, exp_id: str, plan: StudyPlan, study_name: str, storag
 
 
 def _log_parent_inputs(client, parent_id: str, plan: StudyPlan, root: Path, uri: str) -> None:
-    from ..tracking import Tracker
+    from ..tracking.client import Tracker
 
     spec = plan.spec
     parent = Tracker(client, parent_id)
@@ -277,8 +277,6 @@ def _create_or_join(plan: StudyPlan, storage, study_name: str, *, client, exp_id
 
 
 def _lower(plan: StudyPlan) -> bool:
-    from .spec import lower_is_better
-
     return lower_is_better(plan.spec.primary)
 
 
@@ -438,7 +436,7 @@ def _finish(plan: StudyPlan, study, *, client, exp_id, parent_id, uri, root, cre
             study_name, storage_text) -> StudyResult:
     from optuna.trial import TrialState
 
-    from ..tracking import Tracker
+    from ..tracking.client import Tracker
 
     spec = plan.spec
     complete = {_key(t): t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}

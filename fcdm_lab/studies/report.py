@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import UserError
-from .spec import lower_is_better
+from ..eval.metrics import lower_is_better, metric_key
 from .verdicts import NO_ERROR_BAR, Stat, Verdict, paired_verdict, summarize
 
 MATCH_TOLERANCE = 0.01   # "compute-matched" = GMACs within 1% of the baseline's
@@ -372,7 +372,7 @@ def sample_grid(client, runs) -> Optional[SampleGrid]:
     """The evaluation grid (EVAL_IMAGES, its latest step) of the first (seed, run) that logged one."""
     from PIL import Image
 
-    from ..tracking import logged_images
+    from ..tracking.client import logged_images
 
     for seed, run in runs:
         images = logged_images(client, run.info.run_id, EVAL_IMAGES) or _legacy_eval_grids(client, run.info.run_id)
@@ -392,8 +392,7 @@ def sample_grid(client, runs) -> Optional[SampleGrid]:
 def build_report(run_id: str, uri: str | None = None, against_paper: Optional[bool] = None) -> Report:
     """Rebuild a study's report from its MLflow parent run and children alone. against_paper: add
     the comparison with the paper's table (studies/paper.py); None = when every variant has a paper FID."""
-    from ..eval.evaluate import metric_key
-    from ..tracking import get_client, get_run
+    from ..tracking.client import get_client, get_run
 
     client = get_client(uri, existing=True)
     parent = get_run(run_id, client=client)
@@ -479,7 +478,7 @@ def report_command(run_id: str, uri: str | None = None, out_dir=None, console=No
     report.md / plot.png / summary.json / report.html (default reports/<study>-<run id>/) and log them again."""
     from rich.console import Console
 
-    from ..tracking import attach_run
+    from ..tracking.client import attach_run
 
     report = build_report(run_id, uri, against_paper=against_paper)
     console = console or Console()

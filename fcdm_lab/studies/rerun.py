@@ -2,7 +2,7 @@
 
 The config comes from the run's `config.toml` artifact (the resolved config, seed included), or
 from its params when the artifact is missing. It runs through the same pipeline as every run
-(pipeline.py); a run that was evaluated is evaluated again with the same metrics and seed. The new run is tagged `fcdm.rerun_of` and is not attached to
+(runner.py); a run that was evaluated is evaluated again with the same metrics and seed. The new run is tagged `fcdm.rerun_of` and is not attached to
 the original study, so the study's statistics stay as they were. A warning says when the code
 differs from the commit the run recorded: the same config and seed on other code need not give
 the same numbers.
@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 
 from ..config import ExperimentConfig, config_from_dict
 from ..errors import UserError
-from ..tracking import MODEL_PARAM_KEYS
+from ..tracking.record import MODEL_PARAM_KEYS
 
 
 @dataclass
@@ -93,9 +93,10 @@ def rerun(run_id: str, uri: str | None = None, *, out_dir=None, progress: bool =
     """Re-execute a logged training run (or study child) from its recorded config and seed."""
     from rich.console import Console
 
-    from ..pipeline import run_pipeline
-    from ..train.preflight import check_run
-    from ..tracking import get_client, get_run, git_state, resolve_tracking_uri, tracked_run
+    from ..runner import run_experiment
+    from ..training.preflight import check_run
+    from ..tracking.client import get_client, get_run, resolve_tracking_uri, tracked_run
+    from ..tracking.record import git_state
 
     console = console or Console()
     uri = resolve_tracking_uri(uri)
@@ -128,7 +129,7 @@ def rerun(run_id: str, uri: str | None = None, *, out_dir=None, progress: bool =
                   f"{cfg.train.steps} steps) into {folder}")
     check_run(cfg, folder)  # nothing is created for a run that cannot train
     with tracked_run(f"rerun-{run.info.run_name or run_id[:8]}", uri=uri, tags=new_tags) as tracker:
-        out = run_pipeline(tracker, cfg, folder, progress=progress, study=study, variant=variant,
+        out = run_experiment(tracker, cfg, folder, progress=progress, study=study, variant=variant,
                            seed=None if seed is None else int(seed), evaluate=evaluated,
                            eval_seed=int(tags.get("eval.seed", cfg.train.seed)))
     result, metrics = out.train, out.metrics or None

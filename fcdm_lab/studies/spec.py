@@ -37,9 +37,9 @@ from ..config import SECTIONS, ExperimentConfig, check_base, config_from_dict, e
 from ..schema import (apply_overrides, flatten_overrides, parse_override, read_toml, resolve_named_file, strict_table,
                       typed_value)
 from ..errors import UserError, choices
+from ..eval.metrics import check_metric_names
 from ..models.info import model_info_for
 
-HIGHER_IS_BETTER = ("acc", "is_", "precision", "recall")
 
 # key -> (type, required, what it is)
 STUDY_KEYS: Dict[str, tuple] = {
@@ -63,12 +63,6 @@ VARIANT_KEYS: Dict[str, tuple] = {
 }
 PAPER_KEYS = ("gflops", "fid", "is")
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # used in folder names and MLflow filters
-
-
-def lower_is_better(metric: str) -> bool:
-    """FID/KID/loss: lower is better; accuracy, Inception Score, precision, recall: higher."""
-    name = metric.lower()
-    return not any(name.startswith(p) or f"_{p}" in name for p in HIGHER_IS_BETTER)
 
 
 @dataclass
@@ -211,8 +205,6 @@ def load_study(name_or_path: str | Path) -> StudySpec:
         spec.primary = spec.metrics[0]
     if spec.primary not in spec.metrics:
         raise UserError(f"{where}: primary metric {spec.primary!r} is not in metrics ({choices(spec.metrics)})")
-    from ..eval.evaluate import check_metric_names
-
     check_metric_names(spec.metrics)
     base = experiment_data(_base_path(spec))
     for v in variants:  # every variant's config, block spec included, is checked before anything trains

@@ -42,11 +42,13 @@ from typing import Any, Dict, List, Mapping, Optional
 from ..config import ExperimentConfig, load_experiment
 from ..schema import check_name
 from ..errors import UserError, choices
+from ..eval.metrics import metric_key
 from ..urls import without_password
 from .engine import PARENT_ATTR, URI_ATTR, Launcher, check_parent_reachable, claim_waiting, run_workers, work
 from .storage import check_storage_url, open_storage, pasteable, redact, sqlite_init_lock
 from ..models.info import model_info_for
-from ..train.preflight import check_config
+from ..training.preflight import check_config
+from ..training.state import find_latest_checkpoint
 from .spec import normalize_overrides
 # re-exported: sweep files and results keep their import path through this module
 from .sweep_file import (MODEL_METRICS, SPEC_ATTR, TRAIN_METRICS, Budget, Objective, Param, SweepSpec,  # noqa: F401
@@ -157,9 +159,9 @@ class SweepObjective:
     def _run(self, trial, params: Dict[str, Any]) -> float | tuple:
         import optuna
 
-        from ..eval.evaluate import metric_key
-        from ..pipeline import run_pipeline
-        from ..tracking import log_run_config, standard_tags, tracked_run
+        from ..runner import run_experiment
+        from ..tracking.client import tracked_run
+        from ..tracking.record import log_run_config, standard_tags
 
         n, single = trial.number, not self.spec.multi
         tags = {"kind": "sweep-trial", "trial": n, "optuna.study": self.study_name, "study": self.study_name,
@@ -211,7 +213,7 @@ class SweepObjective:
                 resume, measured = ("latest" if done else None), {}
                 wanted = list(dict.fromkeys([*cfg.eval.metrics, *self.eval_metrics]))
                 for k in points:  # the one run pipeline; evaluation of the in-memory EMA model
-                    out = run_pipeline(tracker, cfg, trial_dir, resume=resume, progress=self.progress, max_steps=k,
+                    out = run_experiment(tracker, cfg, trial_dir, resume=resume, progress=self.progress, max_steps=k,
                                        evaluate=bool(self.eval_metrics), eval_metrics=wanted,
                                        study=self.study_name, variant=f"trial-{n:04d}", seed=cfg.train.seed)
                     result, got = out.train, out.metrics
@@ -273,8 +275,7 @@ class _Retried:
 def _retried_from(trial, uri: str) -> Optional[_Retried]:
     """What a retry copy of a dead worker's trial continues (None for a trial that is no retry, or
     whose folder was never chosen: then it starts afresh)."""
-    from ..tracking import get_client
-    from ..train.checkpoint import find_latest_checkpoint
+    from ..tracking.client import get_client
 
     frozen = trial.study._storage.get_trial(trial._trial_id)  # optuna.Trial does not expose system attrs
     number, folder = frozen.system_attrs.get("failed_trial"), frozen.user_attrs.get("trial_dir")
@@ -335,7 +336,8 @@ def _create_or_join(spec: SweepSpec, storage, study_name: str, *, uri: str, fing
     import optuna
     from optuna.exceptions import DuplicatedStudyError
 
-    from ..tracking import experiment_id, get_client, standard_tags
+    from ..tracking.client import experiment_id, get_client
+    from ..tracking.record import standard_tags
 
     with sqlite_init_lock(uri):
         client = get_client(uri)
@@ -473,7 +475,8 @@ def run_sweep(name_or_path: str | Path, *, trials: Optional[int] = None, storage
     import torch
     from rich.console import Console
 
-    from ..tracking import browse_hint, resolve_tracking_uri, tracked_run
+    from ..tracking.client import resolve_tracking_uri, tracked_run
+    from ..tracking.ui import browse_hint
 
     console = console or Console()
     launcher = launcher or Launcher()
@@ -593,7 +596,7 @@ def _summarize(study, spec: SweepSpec, parent, out_dir: Path, study_name: str, u
 def _tag_children(rows: List[Dict[str, Any]], uri: str) -> None:
     """Mark each trial's MLflow run pareto=true/false (filterable in the UI); the latest summary
     of any worker wins, as the front moves while the study grows."""
-    from ..tracking import get_client
+    from ..tracking.client import get_client
 
     client = get_client(uri, probe=False)
     for r in rows:

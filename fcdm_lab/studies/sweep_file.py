@@ -17,8 +17,9 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from ..config import SECTIONS, check_base, load_experiment
 from ..errors import UserError, choices
+from ..eval.metrics import METRIC_NAMES, lower_is_better
 from ..schema import flatten_overrides, read_toml, resolve_named_file, strict_table, typed_value
-from .spec import STUDIES_DIR, lower_is_better
+from .spec import STUDIES_DIR
 
 SAMPLERS = ("nsga2", "tpe", "random", "grid")
 PRUNERS = ("none", "median", "hyperband")
@@ -27,7 +28,6 @@ PARAM_TYPES = ("int", "float", "categorical")
 SHORT_KEYS = {"L": "model.L", "C": "model.C"}          # space names that stand for experiment keys
 MODEL_METRICS = ("gmacs", "params")                    # known before training (meta-device build)
 TRAIN_METRICS = ("final_loss", "images_per_s", "wall_time_s")
-HIGHER_IS_BETTER = ("images_per_s",)
 SPEC_ATTR = "sweep_spec"
 
 SWEEP_KEYS: Dict[str, tuple] = {
@@ -227,7 +227,7 @@ def load_sweep(name_or_path: str | Path) -> SweepSpec:
         o = strict_table(owhere, raw, {"metric": (str, True, "a metric name"),
                                   "direction": (str, False, "minimize | maximize")})
         metric = _check_metric(owhere, o["metric"])
-        default = "maximize" if metric in HIGHER_IS_BETTER or not lower_is_better(metric) else "minimize"
+        default = "minimize" if lower_is_better(metric) else "maximize"
         objectives.append(Objective(metric, _one_of(owhere, "direction", o.get("direction", default), DIRECTIONS)))
     if not 1 <= len(objectives) <= 2:
         raise UserError(f"{where}: give one objective, or two (a metric and gmacs) for a Pareto front; "
@@ -289,8 +289,6 @@ def load_sweep(name_or_path: str | Path) -> SweepSpec:
 
 
 def _check_metric(where: str, metric: str) -> str:
-    from ..eval.evaluate import METRIC_NAMES
-
     valid = (*METRIC_NAMES, *MODEL_METRICS, *TRAIN_METRICS)
     if metric not in valid:
         raise UserError(f"{where}: unknown metric {metric!r}; valid: {choices(valid)}")

@@ -1,15 +1,25 @@
 """What every MLflow run records: code state, package versions, block spec, tags, the resolved
-config (params + config.toml) and model size/compute (split out of tracking.py by job).
+config (params + config.toml), model size and compute, the datasets as run inputs.
+
+Where a new tag, param or input of every run goes: here (client.py opens and logs runs; the run
+pipeline, fcdm_lab/runner.py, decides when to call these).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Mapping
 
-from .errors import UserError
+from ..config import drop_none
+from ..data.build import build_dataset
+from ..errors import UserError
+from ..eval.metrics import DIGITS_REFERENCES, FASHION_REFERENCES, reference_for
+from ..models import model_family
+from ..models.blocks import resolve_block_spec
 
 VERSION_PACKAGES = ("torch", "diffusers", "accelerate", "mlflow", "optuna", "torch-fidelity", "fcdm-lab")
 MODEL_PARAM_KEYS = ("model.params", "model.gmacs", "model.match_knob", "model.match_value", "model.match_target")
@@ -26,7 +36,7 @@ def _git(*args: str, cwd: Path) -> str | None:
 def git_state() -> tuple[str | None, bool | None]:
     """(commit, dirty) of the git checkout holding the fcdm_lab sources; (None, None) when the
     package is not a tracked part of a git checkout (e.g. installed from a wheel)."""
-    pkg = Path(__file__).resolve().parent
+    pkg = Path(__file__).resolve().parents[1]  # the fcdm_lab package
     if _git("ls-files", "--error-unmatch", "__init__.py", cwd=pkg) is None:
         return None, None
     commit = _git("rev-parse", "HEAD", cwd=pkg)
@@ -48,9 +58,6 @@ def block_spec_of(cfg, model_info: Mapping[str, Any] | None = None) -> Dict[str,
     """The resolved block spec actually built (after compute matching), None for baselines."""
     kwargs = (model_info or {}).get("kwargs") or {}
     spec = kwargs.get("block", cfg.model.block)
-    from .models import model_family
-    from .models.blocks import resolve_block_spec
-
     try:
         if model_family(cfg.model.name) != "fcdm":
             return None
@@ -82,30 +89,6 @@ def standard_tags(cfg, model_info: Mapping[str, Any] | None = None, data_info: M
     return {k: str(v) for k, v in tags.items() if v is not None}
 
 
-def _drop_none(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_drop_none(v) for v in value]
-    return value
-
-
-def config_to_toml(cfg) -> str:
-    """The resolved config as TOML (TOML has no null: unset optional keys are left out, which
-    reloads to the same config since every optional field defaults to None)."""
-    import tomli_w
-
-    return tomli_w.dumps(_drop_none(cfg.to_dict()))
-
-
-def config_from_toml(text: str):
-    import tomllib
-
-    from .config import config_from_dict
-
-    return config_from_dict(tomllib.loads(text))
-
-
 def run_environment() -> Dict[str, Any]:
     """Params of where a job ran: world size (processes) and device, from accelerate's state (set up
     by the trainer; in a process without one, this single process)."""
@@ -134,13 +117,13 @@ def model_params(model_info: Mapping[str, Any]) -> Dict[str, Any]:
 
 def log_run_config(tracker, cfg, model_info: Mapping[str, Any] | None = None) -> None:
     """Params = the flattened resolved config (+ params count, GMACs and the matched knob once the
-    model is built); artifact `config.toml` = the resolved config, the input of `fcdm-lab rerun`."""
+    model is built). The artifact `config.toml` (the input of `fcdm-lab rerun`) is the run folder's
+    own file, logged by the run pipeline's tracking hook (fcdm_lab/runner.py): written once."""
     params = dict(cfg.flat())
     if model_info is not None:
         params.update(model_params(model_info))
-        tracker.log_dict(_drop_none(dict(model_info)), "model_info.json")
+        tracker.log_dict(drop_none(dict(model_info)), "model_info.json")
     tracker.log_params(params)
-    tracker.log_text(config_to_toml(cfg), "config.toml")
 
 
 
@@ -177,8 +160,6 @@ def _image_dataset(name: str, digest: str, source, *, profile: Mapping[str, Any]
 
 
 def _local_source(path):
-    import warnings
-
     from mlflow.data.dataset_source_registry import resolve_dataset_source
 
     with warnings.catch_warnings():  # MLflow registers the local source twice and warns it picked one
@@ -199,7 +180,7 @@ def _info_dataset(name: str, info: Mapping[str, Any], source, split: str, dtype:
         profile["vae"] = (info["vae"] or {}).get("id")
     size, channels = info.get("image_size"), info.get("channels")
     shape = (channels, size, size) if size and channels else None
-    return _image_dataset(name, str(info["fingerprint"]), source, profile=_drop_none(profile), shape=shape,
+    return _image_dataset(name, str(info["fingerprint"]), source, profile=drop_none(profile), shape=shape,
                           dtype=dtype, tensor="latent" if info.get("vae") else "image")
 
 
@@ -217,15 +198,10 @@ def reference_dataset(reference):
     ...) with its content fingerprint, count and image size; a folder or .npz by its path, with a
     digest of its files' names, sizes and modification times (not of the pixels: an ADM reference is
     GBs, and the evaluation has already read it once)."""
-    import hashlib
-
-    from .eval.fidelity import DIGITS_REFERENCES, FASHION_REFERENCES
 
     name = str(reference)
     for data, named in (("digits", DIGITS_REFERENCES), ("fashion-mnist", FASHION_REFERENCES)):
         if name in named:  # what eval/fidelity.py compares against: the split at its native size
-            from .data.build import build_dataset
-
             _, info = build_dataset({"name": data}, named[name])
             source = _code_source(loader="fcdm_lab.eval.fidelity.resolve_images", reference=name)
             return _info_dataset(name, info, source, named[name], dtype="uint8")
@@ -245,7 +221,5 @@ def log_datasets(tracker, cfg, data_info: Mapping[str, Any], *, evaluation: bool
     run evaluates, the reference set its samples are scored against (context "evaluation")."""
     inputs = [(training_dataset(cfg, data_info), TRAINING)]
     if evaluation:
-        from .eval.evaluate import reference_for
-
         inputs.append((reference_dataset(reference_for(cfg)), EVALUATION))
     tracker.log_inputs([(ds, context) for ds, context in inputs if ds is not None])

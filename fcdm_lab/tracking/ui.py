@@ -1,5 +1,5 @@
 """Browsing runs: the MLflow UI command, links in MLflow's model-training view, the closing
-"Browse: ..." line (split out of tracking.py by job).
+"Browse: ..." line.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import subprocess
 import sys
 from urllib.parse import urlsplit
 
-from .errors import UserError
-from .urls import has_password, redact, without_password
-from .tracking import (DEFAULT_EXPERIMENT, UI_WORKFLOW_QUERY, _client, default_tracking_uri, probe_tracking_uri,
+from ..errors import UserError
+from ..urls import has_password, redact, without_password
+from .client import (DEFAULT_EXPERIMENT, UI_WORKFLOW_QUERY, mlflow_client, default_tracking_uri, probe_tracking_uri,
                        resolve_tracking_uri)
 
 
@@ -36,7 +36,7 @@ def launch_ui(uri: str | None = None, host: str = "127.0.0.1", port: int = 5000)
     store = cmd[cmd.index("--backend-store-uri") + 1]
     check_listen_address(host, port)  # MLflow's server would print a traceback ~45 s later and exit 0
     probe_tracking_uri(store)
-    exp = _client(store).get_experiment_by_name(DEFAULT_EXPERIMENT)
+    exp = mlflow_client(store).get_experiment_by_name(DEFAULT_EXPERIMENT)
     link = ui_link(f"http://{host}:{port}", exp.experiment_id if exp is not None else None)
     print(f"MLflow UI for {redact(store)}: open {link} (Ctrl+C to stop)", flush=True)
     proc = subprocess.Popen(cmd)
@@ -88,7 +88,7 @@ def browse_hint(run_id: str | None, uri: str | None = None, *, report: bool = Fa
     """One closing line: how to look at a run (a link to its experiment's runs table)."""
     uri = resolve_tracking_uri(uri)
     try:
-        exp_id = _client(uri).get_run(run_id).info.experiment_id if run_id else None
+        exp_id = mlflow_client(uri).get_run(run_id).info.experiment_id if run_id else None
     except Exception:  # a hint must not fail the command that has just finished
         exp_id = None
     shown = without_password(uri)  # a printed line never carries a password: the browser or libpq asks for it

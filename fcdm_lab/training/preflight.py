@@ -24,7 +24,7 @@ import torch
 from ..errors import UserError
 from ..fileio import check_output_dir
 from ..models.info import data_info_for, model_info_for
-from . import checkpoint as ckpt_io
+from . import state as ckpt_io
 
 LOCK_FILE = ".fcdm-lab.lock"
 # Training memory per parameter in float32: weights, gradients, AdamW's two moments, the EMA copy.

@@ -1,9 +1,15 @@
-"""Training checkpoints on disk: atomic writes, keep-last-K, finding the newest valid one.
+"""The training state and its checkpoint files: what an exact resume needs, saved atomically,
+keep-last-K, the newest valid one found, resume sources checked.
+
+    state = TrainingState(model, ema, opt, scaler)      # the live objects the loop updates
+    state.load(ckpt)                                    # from read_checkpoint / resume_source
+    state.save(checkpoint_path(out_dir, state.step), config=..., rng=..., ...)
 
 A checkpoint is one `torch.save`d dict (`out_dir/checkpoints/step_0000500.pt`) with the reference
 repository's keys "model", "ema", "opt", "args" (so its tools can read ours) plus what an exact
-resume needs (see `trainer.py`). Only plain containers, tensors and numbers go in, so every file
-loads with `torch.load(weights_only=True)`: opening a checkpoint never runs pickled code.
+resume needs: the step, the data position, the EMA update count, the grad scaler, every
+process's random streams, and the model and data info. Only plain containers, tensors and numbers
+go in, so every file loads with `torch.load(weights_only=True)`: opening one never runs pickled code.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import os
 import re
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +73,41 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     intact = f"earlier checkpoints are intact (newest: {kept[-1]})" if kept else "no earlier checkpoint exists"
     return atomic_write(path, lambda f: torch.save(obj, f), needed=_nbytes(obj) + (1 << 16),  # + pickle, zip headers
                         what="checkpoint", hint=f"{intact}; free some space and resume with --resume latest")
+
+
+@dataclass
+class TrainingState:
+    """The live objects a training updates (model, EMA, optimizer, grad scaler) with its position
+    (optimizer steps done, dataset items consumed): what a checkpoint saves and restores."""
+
+    model: torch.nn.Module
+    ema: Any                                 # torch.optim.swa_utils.AveragedModel around a copy of model
+    opt: torch.optim.Optimizer
+    scaler: Any = None                       # accelerate's GradScaler under fp16, else None
+    step: int = 0
+    data_pos: int = 0
+
+    def load(self, ckpt: dict) -> None:
+        """Restore from a checkpoint dict (read_checkpoint); call before the objects are prepared."""
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.module.load_state_dict(ckpt["ema"])
+        self.ema.n_averaged.fill_(int(ckpt["ema_updates"]))
+        self.opt.load_state_dict(ckpt["opt"])
+        if ckpt.get("scaler") is not None and self.scaler is not None:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.data_pos = int(ckpt["step"]), int(ckpt["data_pos"])
+
+    def save(self, path: str | os.PathLike, *, config: dict, model_info: dict, data_info: dict, rng: list,
+             world_size: int, loss: float) -> Path:
+        """One checkpoint file (atomic; a full disk is one line and keeps the older checkpoints)."""
+        return atomic_torch_save({
+            "format": FORMAT, "version": VERSION, "step": self.step, "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict(), "opt": self.opt.state_dict(), "args": config,
+            "ema_updates": int(self.ema.n_averaged),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rng, "data_pos": self.data_pos, "world_size": world_size,
+            "model_info": model_info, "data_info": data_info, "loss": loss,
+        }, path)
 
 
 def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:

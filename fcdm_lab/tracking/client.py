@@ -1,4 +1,4 @@
-"""Experiment tracking with MLflow: one run per training job, studies as parent runs with children.
+"""MLflow stores, clients and runs: where runs go, opening and logging them, the run pointer.
 
     with tracked_run("grn", tags={"study": "grn-vs-cca"}, parent_run_id=parent) as tracker:
         tracker.log_params({...}); tracker.log_metrics({"loss": 0.1}, step=10)
@@ -7,14 +7,13 @@ Runs are created through `MlflowClient` with explicit run ids rather than MLflow
 fluent API keeps one global run stack per process, while studies and sweeps open runs one after the
 other, attach children to a parent from any process (`parent_run_id=`) and reopen unfinished runs
 to resume them. Only the main process of a distributed job logs; the others get a `NullTracker`.
-
-Split by job: this module opens and logs runs (URIs, clients, trackers, `tracked_run`);
-run_record.py says what every run records, pipeline.py trains/evaluates inside a run (and holds
-the run-folder pointer), mlflow_ui.py browses. Their public names are re-exported here.
+A training folder records which run holds its logs in `mlflow_run.json` (`RunPointer`).
 
 Where runs go: `uri` argument (`--tracking-uri`) > `MLFLOW_TRACKING_URI` > MLflow's own default,
-`sqlite:///<cwd>/mlflow.db` with artifacts in `./mlruns`. A tracking server is probed before any
-training starts, so an unreachable one is reported within seconds instead of after a run.
+`sqlite:///<cwd>/mlflow.db` with artifacts in `./mlruns`. A store is probed before any training
+starts, so an unreachable one is reported within seconds instead of after a run.
+
+The other jobs of tracking: record.py says what every run records, ui.py browses.
 """
 from __future__ import annotations
 
@@ -22,6 +21,7 @@ import contextlib
 import contextvars
 import json
 import os
+from dataclasses import dataclass
 import sys
 import time
 import urllib.error
@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional
 from urllib.parse import urlsplit
 
-from .errors import UserError, choices
-from .urls import redact, scrub
+from ..errors import UserError, choices
+from ..urls import redact, scrub, without_password
 
 DEFAULT_EXPERIMENT = "fcdm-lab"
 URI_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql")
@@ -192,7 +192,7 @@ def _http_status(url: str, timeout: float, uri: str) -> int:
             f"(valid forms: {choices(URI_FORMS)})") from None
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -203,7 +203,7 @@ def get_client(uri: str | None = None, *, probe: bool = True, existing: bool = F
     uri = resolve_tracking_uri(uri)
     if probe:
         probe_tracking_uri(uri, existing=existing)
-    return _client(uri)
+    return mlflow_client(uri)
 
 
 def experiment_id(client, name: str = DEFAULT_EXPERIMENT) -> str:
@@ -445,6 +445,14 @@ def tracked_run(name: str | None = None, *, uri: str | None = None, experiment: 
         _current.reset(token)
 
 
+def logged_steps(tracker, key: str) -> int:
+    """The last step at which `tracker`'s run logged the metric `key` (0 when never, or no run)."""
+    if not getattr(tracker, "active", False):
+        return 0
+    history = tracker.client.get_metric_history(tracker.run_id, key)
+    return max((m.step for m in history), default=0)
+
+
 def attach_run(run_id: str, uri: str | None = None) -> Tracker:
     """A Tracker that logs into an existing run without changing its status (e.g. evaluation
     metrics added to a finished training run)."""
@@ -454,29 +462,52 @@ def attach_run(run_id: str, uri: str | None = None) -> Tracker:
 
 
 # ---------------------------------------------------------------------------------------------
-# The other jobs live in sibling modules; their names stay importable from here.
+# The run pointer: which run a training folder logged into
 # ---------------------------------------------------------------------------------------------
 
-from .run_record import (MODEL_PARAM_KEYS, VERSION_PACKAGES, _drop_none, block_spec_of, config_from_toml,  # noqa: E402,F401
-                         config_to_toml, git_state, log_run_config, model_params, package_versions, run_environment,
-                         standard_tags)
-from .mlflow_ui import browse_hint, launch_ui, ui_command, ui_link  # noqa: E402,F401
-
-_PIPELINE_NAMES = ("RUN_FILE", "RunPointer", "train_in_run", "train_tracked")
+RUN_FILE = "mlflow_run.json"            # written into a training out dir: which run holds its logs
 
 
-def __getattr__(name: str):
-    """pipeline.py's names, resolved on first use: it imports this module (no import cycle)."""
-    if name in _PIPELINE_NAMES:
-        from . import pipeline
+@dataclass
+class RunPointer:
+    """Contents of `<out_dir>/mlflow_run.json`: which run a training folder logged into. The URI is
+    stored without its password (the environment supplies it when the run is reopened)."""
 
-        return getattr(pipeline, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    run_id: str
+    tracking_uri: str
+    experiment: str = DEFAULT_EXPERIMENT
 
-__all__ = [
-    "DEFAULT_EXPERIMENT", "NullTracker", "RunPointer", "Tracker", "attach_run", "browse_hint", "check_tracking_uri",
-    "config_from_toml", "config_to_toml", "default_tracking_uri", "experiment_id", "get_client", "get_run",
-    "git_state", "is_main_process", "launch_ui", "log_run_config", "logged_images", "model_params", "package_versions",
-    "probe_tracking_uri", "resolve_tracking_uri", "standard_tags", "tracked_run", "train_in_run", "train_tracked",
-    "run_environment", "ui_command", "ui_link",
-]
+    def save(self, out_dir) -> Path:
+        path = Path(out_dir) / RUN_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {**self.__dict__, "tracking_uri": without_password(self.tracking_uri)}
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def find(cls, path) -> Optional["RunPointer"]:
+        """The pointer of the training folder holding `path` (a checkpoint file or the folder)."""
+        p = Path(path).resolve()
+        for folder in [p, *p.parents][:4]:
+            f = folder / RUN_FILE
+            if f.is_file():
+                try:
+                    return cls(**json.loads(f.read_text()))
+                except (ValueError, TypeError):
+                    return None
+        return None
+
+
+def resumable_run_id(out_dir, uri: str, resume) -> str | None:
+    """The MLflow run a resumed training folder logged into (its pointer file), if this store has it:
+    resuming continues that run instead of splitting one training over two runs."""
+    if resume is None:
+        return None
+    pointer = RunPointer.find(out_dir if resume == "latest" else resume)
+    if pointer is None or without_password(pointer.tracking_uri) != without_password(uri):
+        return None
+    try:
+        mlflow_client(uri).get_run(pointer.run_id)
+    except Exception:
+        return None
+    return pointer.run_id
