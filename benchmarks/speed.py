@@ -4,10 +4,13 @@ Compares, in ONE process with alternating repeats (the machine is shared and noi
 measured side by side are what count):
   reference, as shipped   tests/reference_fcdm.py: NCHW, permutes around LayerNorm, checkpointing on
   reference, no ckpt      the same without gradient checkpointing
-  fcdm-lab                fcdm_lab's FCDM (channels_last, NHWC LayerNorm/GRN/linears), fused AdamW
+  fcdm-lab                fcdm_lab's FCDM (channels_last, NHWC LayerNorm/GRN/linears, hand-written
+                          GRN and depthwise-conv backward), fused AdamW
   fcdm-lab, plain AdamW   the same model with the reference's for-loop AdamW (model speed alone)
 Configs of facts section 9: tiny (C=32, L=1, 16x16x1, batch 64, 10 classes) and FCDM-S (32x32x4,
-batch 8, 1000 classes). Prints medians with min-max over the repeats, and the speed-up ratios.
+batch 8, 1000 classes). Prints medians with min-max over the repeats, and the speed-up ratios,
+and the machine's load averages before and after (a load near or above the core count means another
+process shared the cores: ratios still compare, absolute images/s do not).
 
     python benchmarks/speed.py [--repeats 5] [--threads 2] [--configs tiny fcdm-s] [--json OUT]
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -75,6 +79,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    load_before = os.getloadavg()
+    print(f"load average before: {' '.join(f'{v:.2f}' for v in load_before)} ({os.cpu_count()} cores)")
     results = {}
     for name in args.configs:
         cfg = CONFIGS[name]
@@ -93,7 +99,10 @@ def main() -> None:
         print(f"  speed-up vs reference as shipped: {ours / med['reference, as shipped']:.2f}x (target >= 2.0x); "
               f"vs no-ckpt: {ours / med['reference, no ckpt']:.2f}x (target >= 1.5x); "
               f"model alone (plain AdamW) vs no-ckpt: {med['fcdm-lab, plain AdamW'] / med['reference, no ckpt']:.2f}x")
+    load_after = os.getloadavg()
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in load_after)} ({os.cpu_count()} cores)")
     if args.json:
+        results["load_average"] = {"before": load_before, "after": load_after, "cores": os.cpu_count()}
         args.json.write_text(json.dumps(results, indent=1))
 
 

@@ -18,7 +18,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from ..errors import UserError
-from .blocks import build_block, layer_norm_modulate, resolve_block_spec, to_nchw, to_nhwc
+from .blocks import Pointwise, build_block, layer_norm_modulate, resolve_block_spec, to_nchw, to_nhwc
 from .layers import (GuidedModelMixin, LabelEmbedder, PretrainedMixin, TimestepEmbedder, pixel_shuffle_up,
                      pixel_unshuffle_down, run_blocks)
 from .registry import MODELS, register_preset
@@ -109,10 +109,10 @@ class FCDM(PretrainedMixin, ModelMixin, ConfigMixin, GuidedModelMixin):
         self.down2_3 = Downsample(2 * C, 4 * C)
         self.latent = level(4 * C, 4 * L)
         self.up3_2 = Upsample(4 * C, 2 * C)
-        self.reduce_chans_2 = nn.Conv2d(4 * C, 2 * C, 1)
+        self.reduce_chans_2 = Pointwise(4 * C, 2 * C)  # 1x1 convs as GEMMs on the NHWC view
         self.decoder_level_2 = level(2 * C, 2 * L)
         self.up2_1 = Upsample(2 * C, C)
-        self.reduce_chans_1 = nn.Conv2d(2 * C, C, 1)
+        self.reduce_chans_1 = Pointwise(2 * C, C)
         self.decoder_level_1 = level(C, L)
         self.output_layer = nn.Conv2d(C, C, 3, padding=1)
         self.final_layer = FinalLayer(C, self.out_channels)
@@ -158,9 +158,9 @@ class FCDM(PretrainedMixin, ModelMixin, ConfigMixin, GuidedModelMixin):
         skip1 = x = self._run(self.encoder_level_1, x, c1)                    # (B, C, H, W)
         skip2 = x = self._run(self.encoder_level_2, self.down1_2(x), c2)      # (B, 2C, H/2, W/2)
         x = self._run(self.latent, self.down2_3(x), c3)                       # (B, 4C, H/4, W/4)
-        x = self.reduce_chans_2(torch.cat([self.up3_2(x), skip2], dim=1))
+        x = to_nchw(self.reduce_chans_2(to_nhwc(torch.cat([self.up3_2(x), skip2], dim=1))))
         x = self._run(self.decoder_level_2, x, c2)
-        x = self.reduce_chans_1(torch.cat([self.up2_1(x), skip1], dim=1))
+        x = to_nchw(self.reduce_chans_1(to_nhwc(torch.cat([self.up2_1(x), skip1], dim=1))))
         x = self._run(self.decoder_level_1, x, c1)
         return self.final_layer(self.output_layer(x), c1).contiguous()
 
