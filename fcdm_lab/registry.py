@@ -7,6 +7,7 @@ Tests loop the registries, so a new entry is tested without writing a test.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Dict, Iterator, Tuple
 
 from .errors import UserError, choices
@@ -38,6 +39,16 @@ class Registry:
         obj = self.get(name)
         del self._entries[name], self._meta[name]
         return obj
+
+    @contextlib.contextmanager
+    def registered(self, name: str, obj: Any, **meta: Any) -> Iterator[Any]:
+        """`with REG.registered("name", obj): ...`: an entry that exists only inside the block
+        (a test's or a plugin's temporary component), removed on the way out even on error."""
+        self.register(name, **meta)(obj)
+        try:
+            yield obj
+        finally:
+            self.unregister(name)
 
     def get(self, name: str) -> Any:
         try:
