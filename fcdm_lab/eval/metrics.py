@@ -32,8 +32,17 @@ EXTRACTOR_TAGS = ("digits", "inception", "fashion")
 CLASS_ACC = "class_acc_digits"
 CLASSIFIER_DATA = {"digits": "digits", "fashion": "fashion-mnist"}  # our CNN judges -> the data they judge
 CLASS_ACCS = {f"class_acc_{tag}": tag for tag in CLASSIFIER_DATA}
-METRIC_NAMES = tuple([f"{m}_{tag}" for tag in EXTRACTOR_TAGS for m in FEATURE_METRICS] + list(CLASS_ACCS))
+# The training objective's loss on the held-out split, computed from the model (eval/heldout.py), never
+# from samples: evaluation routes these names away from torch-fidelity (plan_metrics' "heldout").
+HELDOUT_METRICS = ("val_loss", "val_mse", "val_vb", "val_loss_q1", "val_loss_q2", "val_loss_q3", "val_loss_q4")
+METRIC_NAMES = tuple([f"{m}_{tag}" for tag in EXTRACTOR_TAGS for m in FEATURE_METRICS] + list(CLASS_ACCS)
+                     + list(HELDOUT_METRICS))
 INCEPTION_METRICS = tuple(f"{m}_inception" for m in FEATURE_METRICS)
+
+
+def is_heldout_metric(name: str) -> bool:
+    """A held-out loss metric (val_loss, ...): computed by eval/heldout.py, not from samples."""
+    return name in HELDOUT_METRICS
 
 
 def check_metric_names(names: Iterable[str]) -> List[str]:
@@ -61,9 +70,13 @@ def expand_metric_names(names: Iterable[str], data_name: str) -> List[str]:
 
 def plan_metrics(names: Iterable[str]) -> Dict[str, Any]:
     """{"digits": torch-fidelity metrics for the digits CNN, "fashion": ..., "inception": ...,
-    "labels": the CNN judging class consistency ("digits" | "fashion") or False}."""
-    plan: Dict[str, Any] = {"digits": [], "fashion": [], "inception": [], "labels": False}
+    "labels": the CNN judging class consistency ("digits" | "fashion") or False,
+    "heldout": held-out loss names (eval/heldout.py computes them; nothing is sampled for them)}."""
+    plan: Dict[str, Any] = {"digits": [], "fashion": [], "inception": [], "labels": False, "heldout": []}
     for name in check_metric_names(names):
+        if is_heldout_metric(name):
+            plan["heldout"].append(name)
+            continue
         if name in CLASS_ACCS:
             if plan["labels"] and plan["labels"] != CLASS_ACCS[name]:
                 raise UserError("class_acc_digits and class_acc_fashion judge different data; ask for one")
