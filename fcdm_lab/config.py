@@ -91,7 +91,14 @@ class EvalConfig:
     reference: Optional[str] = None         # "digits-train" | "digits-test" | folder | .npz
     inception_weights: Optional[str] = None
     use_ema: bool = True
-    batch_size: int = 250
+    batch_size: int = 250                   # images per sampling batch; held-out (image, t, noise) triples per forward
+    # Held-out loss (eval/heldout.py): the training objective's loss of the EMA model on the test split
+    # (latent stores / image folders: data.test_path), metrics val_loss (ddpm: + val_mse, val_vb) and
+    # val_loss_q1..q4, logged at the end of every training and returned as evaluation metrics.
+    heldout_images: int = 1000              # images scored: all of a smaller split, else a subset fixed by heldout_seed; 0 = off
+    heldout_draws: int = 8                  # (t, noise) draws per image; t stratified over evenly spaced quantiles
+    heldout_seed: int = 0                   # seeds the triples: the same for every model, variant and train.seed
+    heldout_every: int = 0                  # also every N training steps (held-out learning curves); 0 = only at the end
 
 
 @dataclass
