@@ -7,9 +7,11 @@
 `run_experiment`, so they log the same things: the resolved config (params + config.toml), tags
 (code, data, study/variant/seed), the trainer's step metrics and sample grids, model size and
 compute, the datasets as MLflow inputs (the training set; the reference set when evaluating), the
-final EMA model (the `pipeline/` artifact), and, when evaluating, the metrics of the *in-memory*
-EMA network (no reload from disk) on the device it trained on, with the evaluation noise seeded by
-the training seed (so variants trained with the same seed are paired in evaluation too).
+final EMA model (the `pipeline/` artifact), the held-out loss (val_loss, ... of eval/heldout.py: at
+the end of training and every eval.heldout_every steps, whatever metrics are asked for), and, when
+evaluating, the metrics of the *in-memory* EMA network (no reload from disk) on the device it trained
+on, with the evaluation noise seeded by the training seed (so variants trained with the same seed are
+paired in evaluation too); the held-out metrics are among them, and only the others are sampled.
 
 Tracking is a hook on the training loop (`TrackingHook`); what every run records is
 tracking/record.py. `train_tracked` checks everything first (training/preflight.check_run), takes
@@ -25,6 +27,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from .config import drop_none
 from .eval.evaluate import evaluate_model
+from .eval.heldout import HeldoutLoss, check_heldout_request, split_metric_names
 from .eval.metrics import finite_number
 from .tracking.client import (DEFAULT_EXPERIMENT, RunPointer, get_client, is_main_process, logged_steps,
                               resolve_tracking_uri, resumable_run_id, tracked_run)
@@ -69,9 +72,11 @@ class RunResult:
 
 
 def tracked_hooks(tracker, extra: tuple = ()) -> list:
-    """The default hooks with the tracker attached (and `extra` hooks after them)."""
+    """The default hooks with the tracker attached: the run folder's files, sample grids, the held-out
+    loss (`HeldoutLoss`, logging into the run), `extra` hooks, tracking."""
     tracking = TrackingHook(tracker, logged_steps(tracker, "loss"))
-    return [RunFiles(), SampleGrids(log_image=tracking.log_image), *extra, tracking]
+    heldout = HeldoutLoss(log_metrics=tracker.log_metrics, logged_through=logged_steps(tracker, "val_loss"))
+    return [RunFiles(), SampleGrids(log_image=tracking.log_image), heldout, *extra, tracking]
 
 
 def run_experiment(tracker, cfg, out_dir, *, resume: Optional[str] = None, evaluate: bool = False,
@@ -80,14 +85,20 @@ def run_experiment(tracker, cfg, out_dir, *, resume: Optional[str] = None, evalu
                    eval_metrics=None, hooks: tuple = ()) -> RunResult:
     """Train `cfg` into `out_dir` logging into an open run, then (evaluate=True) evaluate the
     in-memory EMA model. eval_seed defaults to train.seed (paired evaluation noise); eval_metrics
-    defaults to cfg.eval.metrics; hooks: more training hooks. Call `check_run` first: this function
-    writes the run pointer."""
+    defaults to cfg.eval.metrics (held-out ones, val_loss ..., come from the HeldoutLoss hook, and
+    every held-out value is in the result whether asked for or not); hooks: more training hooks.
+    Call `check_run` first: this function writes the run pointer."""
+    wanted = list(cfg.eval.metrics if eval_metrics is None else eval_metrics)
+    heldout_wanted, sample_metrics = split_metric_names(wanted) if evaluate else ([], [])
+    check_heldout_request(cfg, heldout_wanted)  # no held-out split for a requested val_loss: before training
     tracker.set_tags(standard_tags(cfg, study=study, variant=variant, seed=seed))
     log_run_config(tracker, cfg)
     if tracker.active:
         RunPointer(tracker.run_id, tracker.tracking_uri).save(out_dir)
-    result = train(cfg, out_dir, resume=resume, hooks=tracked_hooks(tracker, tuple(hooks)), progress=progress,
-                   max_steps=max_steps)
+    run_hooks = tracked_hooks(tracker, tuple(hooks))
+    heldout = next(h for h in run_hooks if isinstance(h, HeldoutLoss))
+    heldout.required = bool(heldout_wanted)
+    result = train(cfg, out_dir, resume=resume, hooks=run_hooks, progress=progress, max_steps=max_steps)
     tracker.set_tags(standard_tags(cfg, result.model_info, result.data_info, study=study, variant=variant, seed=seed))
     tracker.log_params({**model_params(result.model_info), **run_environment()})  # + world_size, device
     tracker.log_dict(drop_none(dict(result.model_info)), "model_info.json")
@@ -100,10 +111,14 @@ def run_experiment(tracker, cfg, out_dir, *, resume: Optional[str] = None, evalu
     if evaluate and result.ema_model is not None:
         model = result.ema_model
         device = next(model.parameters()).device  # chosen once, by the trainer
-        metrics = evaluate_model(model, cfg, metrics=eval_metrics, tracker=tracker, step=result.step, weights="ema",
-                                 data_info=result.data_info,
-                                 seed=cfg.train.seed if eval_seed is None else eval_seed,
-                                 save_dir=Path(out_dir) / "eval", device=device, progress=progress)
+        if sample_metrics:
+            metrics = evaluate_model(model, cfg, metrics=sample_metrics, tracker=tracker, step=result.step,
+                                     weights="ema", data_info=result.data_info,
+                                     seed=cfg.train.seed if eval_seed is None else eval_seed,
+                                     save_dir=Path(out_dir) / "eval", device=device, progress=progress)
+        else:  # held-out metrics only: nothing sampled, but the run is an evaluated one (rerun reads this tag)
+            tracker.set_tags({"eval.weights": "ema"})
+        metrics.update(heldout.final)  # already logged at result.step by the hook
     return RunResult(result, metrics)
 
 
