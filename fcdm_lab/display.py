@@ -1,15 +1,24 @@
 """Rich tables for the CLI (formatting only; the numbers come from the library)."""
 from __future__ import annotations
 
+import io
 from collections import OrderedDict
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
+
+
+def fmt_params(n: int) -> str:
+    """A parameter count in a few characters, for tables of studies: '1.31M', '640.0k', '950'."""
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    return f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
 def _block_label(row: Dict[str, Any]) -> str:
@@ -130,13 +139,17 @@ def print_blocks(console: Console) -> None:
 # Studies and sweeps
 # ---------------------------------------------------------------------------------------------
 
-def print_wide(console: Console, table) -> None:
-    """Print a table; into a file or pipe at its natural width instead of wrapped to 80 columns."""
+def print_wide(console: Console, table, max_width: Optional[int] = None) -> None:
+    """Print a table; into a file or pipe at its natural width (at most `max_width` columns, when
+    given) instead of wrapped to the console's 80 columns. A console already wider stays as it is."""
     if console.is_terminal:
         console.print(table)  # rich folds cells to the terminal's width
         return
     old = console.width
-    console.width = max(old, console.measure(table, options=console.options.update_width(1000)).maximum)
+    natural = console.measure(table, options=console.options.update_width(1000)).maximum
+    if max_width is not None:
+        natural = min(natural, max_width)
+    console.width = max(old, natural)
     try:
         console.print(table)
     finally:
@@ -145,39 +158,72 @@ def print_wide(console: Console, table) -> None:
 
 def table_text(table, width: int = 200) -> str:
     """A rich table as plain text (what the terminal shows)."""
-    import io
-
     console = Console(file=io.StringIO(), width=width, record=True, color_system=None)
     console.print(table)
     return console.export_text()
 
 
-def studies_table(specs) -> Table:
-    """The bundled studies (what `fcdm-lab ablate` with no name prints)."""
-    t = Table(title="Studies (run one: fcdm-lab ablate NAME)")
-    for col in ("study", "description", "variants", "base", "seeds", "steps"):
-        t.add_column(col)
+def studies_table(specs, sweeps=()) -> Table:
+    """Every bundled study and sweep (what `fcdm-lab ablate` with no name prints): its name (never
+    cut), what it asks, its variants and seeds, and its wall time as measured (the file's
+    `wall_time`), in 120 columns."""
+    from rich import box
+
+    t = Table(title="Studies: fcdm-lab ablate NAME  |  sweeps: fcdm-lab sweep NAME", box=box.SIMPLE_HEAD,
+              title_justify="left")
+    t.add_column("name", no_wrap=True)
+    t.add_column("what it asks (variants; * = baseline)", overflow="fold", ratio=1)
+    t.add_column("seeds", justify="right")
+    t.add_column("wall time", overflow="fold", max_width=22)
     for s in specs:
         names = [f"{v.name}*" if v.name == s.baseline else v.name for v in s.variants]
-        t.add_row(s.name, s.description, ", ".join(names), s.base, str(s.seeds), str(s.steps or "-"))
+        t.add_row(s.name, f"{s.description} ({', '.join(names)})", str(s.seeds), s.wall_time or "-")
+    for s in sweeps:
+        t.add_row(s.name, f"{s.description} (sweep: {', '.join(p.name for p in s.space)})",
+                  str(getattr(s, "seeds", 1) or 1), s.wall_time or "-")
     return t
 
 
 VERDICT_STYLES = {"better": "green", "worse": "red", "inconclusive": "yellow"}
+REPORT_WIDTH = 120   # studies/report.py TABLE_WIDTH: the study table fits a 120-column terminal
 
 
-def report_table(report) -> Table:
-    """A study report (studies/report.py) as a rich table: verdict cells coloured."""
+def _compact_report_table(report, columns, caption: str, width: int) -> Table:
     from rich import box
 
-    t = Table(title=f"Study {report.study}: {report.description}" if report.description else f"Study {report.study}",
-              caption=report.caption(), box=box.SIMPLE_HEAD)
-    for i, h in enumerate(report.header()):  # fold, never cut: a truncated number is a wrong number
-        t.add_column(h, justify="left" if i in (0, 4) or h.startswith("Δ") else "right", overflow="fold")
-    for row in report.cells():
-        t.add_row(*[next((f"[{style}]{c}[/]" for word, style in VERDICT_STYLES.items() if f" {word}" in c), c)
-                    if c[:1] in "+-" else c for c in row])
+    title = f"Study {report.study}: {report.description}" if report.description else f"Study {report.study}"
+    # at least 80 columns (or the width), so that the title and caption of a one-metric study do not wrap
+    # into a narrow strip; Text: no markup in the study's words
+    t = Table(title=Text(title), caption=Text(caption), box=box.SIMPLE_HEAD, title_justify="left",
+              caption_justify="left", show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), min_width=min(width, 80))
+    for c in columns:  # fold, never cut: a truncated number is a wrong number
+        t.add_column(c.header, justify=c.justify, overflow="fold")
+    for i in range(len(report.rows)):
+        cells = []
+        for c in columns:
+            word = c.verdicts[i] if c.verdicts else None
+            text = Text(c.cells[i])
+            if word in VERDICT_STYLES:
+                text.stylize(VERDICT_STYLES[word])
+            cells.append(text)
+        t.add_row(*cells)
     return t
+
+
+def report_table(report, width: int = REPORT_WIDTH) -> Table:
+    """A study report (studies/report.py) as the compact terminal table: variant, n, params, GMACs,
+    each metric's mean and each metric's short verdict cell (coloured), with a short caption, title
+    and caption left-aligned. The most complete of report.compact's levels whose natural width fits
+    `width` (the last one otherwise: rich folds it); the full table is report.md / report.html's."""
+    from .studies.report import COMPACT_LEVELS
+
+    measure = Console(file=io.StringIO(), width=1000)
+    table = None
+    for level in range(len(COMPACT_LEVELS)):
+        table = _compact_report_table(report, *report.compact(level), width)
+        if measure.measure(table).maximum <= width:
+            break
+    return table
 
 
 AGREEMENT_STYLES = {"agrees": "green", "disagrees": "red"}
@@ -187,7 +233,8 @@ def paper_table(cmp) -> Table:
     """A study's ordering against the paper's table (studies/paper.py): agreement cells coloured."""
     from rich import box
 
-    t = Table(title="Against the paper's ablation table", caption=cmp.summary(), box=box.SIMPLE_HEAD)
+    t = Table(title="Against the paper's ablation table", caption=Text(cmp.summary()), box=box.SIMPLE_HEAD,
+              title_justify="left", caption_justify="left")
     for i, h in enumerate(cmp.header()):
         t.add_column(h, justify="left" if i in (0, 5, 6) else "right", overflow="fold")
     for row in cmp.cells():
