@@ -3,7 +3,8 @@
     html = render_html(report)          # report = studies/report.py's build_report(run_id)
     write_html(report, "report/report.html")
 
-What a researcher looks at first: the verdicts (the table of report.md, coloured), a forest plot
+What a researcher looks at first: one line per variant with its verdicts, the verdict table (the
+table of report.md, coloured, with the family the verdicts are valid for), a forest plot
 of each variant's paired difference to the baseline with its 95% interval against the noise floor,
 each variant's evaluation samples side by side, and the training loss curves overlaid. Everything
 comes from the Report (build_report fetched the histories and sample grids from MLflow); nothing
@@ -46,6 +47,8 @@ th, td { padding: 5px 9px; border-bottom: 1px solid #d8dee4; text-align: right; 
 th { background: #f6f8fa; font-weight: 600; white-space: normal; vertical-align: bottom; } td:first-child, th:first-child { text-align: left; }
 tr.baseline td { background: #f6f8fa; }
 td.verdict { text-align: left; font-weight: 600; white-space: normal; min-width: 10em; }
+ul.answer { margin: 12px 0 4px; padding-left: 20px; font-size: 15px; } ul.answer li { margin: 2px 0; }
+details.note { margin-top: 6px; } details.note ul { padding-left: 20px; }
 .caption, .note { color: #57606a; font-size: 13px; max-width: 1100px; }
 figure { margin: 8px 0; } figure.plot img { max-width: 100%; height: auto; }
 .grids { display: flex; flex-wrap: wrap; gap: 18px; }
@@ -96,14 +99,31 @@ def _pyplot():
 # Plots
 # ---------------------------------------------------------------------------------------------
 
+def _interval(v):
+    """(mean, low, high, n) of a verdict's paired difference: the 95% t-interval of verdicts.Verdict
+    (low = high = None for one seed), the anytime-valid interval of report.AnytimeVerdict (None
+    while unbounded); None without pairs."""
+    from .report import AnytimeVerdict
+
+    if isinstance(v, AnytimeVerdict):
+        if v.mean is None:
+            return None
+        return (v.mean, v.low, v.high, v.n) if v.bounded else (v.mean, None, None, v.n)
+    if v.diff is None:
+        return None
+    return v.diff.mean, v.diff.low, v.diff.high, v.diff.n
+
+
 def forest_plot(report) -> Optional[bytes]:
     """PNG: per non-baseline variant the paired difference of the primary metric to the baseline
-    with its 95% CI, a line at 0, the noise floor (seed-to-seed sd pooled over variants) as a band around 0,
-    colour by verdict; a variant with one paired seed is a hollow point without a bar. None when no
-    variant has a paired difference."""
+    with its interval (the 95% t-interval; until-decided: the anytime-valid one), a line at 0, the
+    noise floor (seed-to-seed sd pooled over variants) as a band around 0, colour by verdict (the
+    Holm-adjusted or anytime-valid one); a variant without an interval (one paired seed, or an
+    anytime-valid interval not yet bounded) is a hollow point without a bar. None when no variant
+    has a paired difference."""
     primary = report.primary
     rows = [r for r in report.rows if not r.is_baseline and primary in r.verdicts
-            and r.verdicts[primary].diff is not None]
+            and _interval(r.verdicts[primary]) is not None]
     if not rows:
         return None
     plt = _pyplot()
@@ -113,23 +133,32 @@ def forest_plot(report) -> Optional[bytes]:
         ax.axvspan(-floor, floor, color="#8c959f", alpha=0.18, lw=0, label=f"noise floor (±{floor:.2g}, pooled seed sd)")
     ax.axvline(0.0, color="#1f2328", lw=1.0)
     labels, seen = [], set()
+    # the legend shows a verdict by a point with a bar when it has one
+    barred = {r.verdicts[primary].verdict for r in rows if _interval(r.verdicts[primary])[1] is not None}
     for y, r in enumerate(reversed(rows)):  # the report's order, top to bottom
         v = r.verdicts[primary]
-        d, color = v.diff, VERDICT_COLORS.get(v.verdict, "#57606a")
-        label = v.verdict if v.verdict not in seen else None
-        seen.add(v.verdict)
-        if d.half is None:  # n=1: the difference alone, no interval
-            ax.plot([d.mean], [y], "o", mfc="white", mec=color, mew=1.8, ms=8, label=label)
+        mean, low, high, n = _interval(v)
+        color = VERDICT_COLORS.get(v.verdict, "#57606a")
+        label = v.verdict if v.verdict not in seen and (low is not None or v.verdict not in barred) else None
+        if label:
+            seen.add(v.verdict)
+        if low is None:  # n=1, or not yet bounded: the difference alone, no interval
+            ax.plot([mean], [y], "o", mfc="white", mec=color, mew=1.8, ms=8, label=label)
         else:
-            ax.errorbar([d.mean], [y], xerr=[[d.half], [d.half]], fmt="o", color=color, ms=7, capsize=5, lw=2,
+            ax.errorbar([mean], [y], xerr=[[mean - low], [high - mean]], fmt="o", color=color, ms=7, capsize=5, lw=2,
                         label=label)
-        labels.append(f"{r.variant} (n={d.n})" + ("\nno error bar" if d.half is None else ""))
+        labels.append(f"{r.variant} (n={n})" + (("\nno error bar" if n == 1 else "\nnot yet bounded")
+                                                if low is None else ""))
     ax.set_yticks(range(len(rows)), labels)
     ax.set_ylim(-0.7, len(rows) - 0.3)
     ax.margins(x=0.15)
     arrow = "← better" if report.lower_is_better else "better →"
     ax.set_xlabel(f"Δ {primary} = variant − baseline ({report.baseline}), paired over seeds;   {arrow}")
-    ax.set_title(f"Paired difference to the baseline, 95% CI ({report.seeds} seed(s))", fontsize=11)
+    if report.until_decided:
+        title = "Paired difference to the baseline, anytime-valid 95% interval"
+    else:
+        title = f"Paired difference to the baseline, 95% CI ({report.seeds} seed(s))"
+    ax.set_title(title, fontsize=11)
     ax.grid(axis="x", alpha=0.3)
     handles, names = ax.get_legend_handles_labels()
     order = [*VERDICT_COLORS, names[0] if floor else None]  # better, worse, ..., then the band
@@ -176,15 +205,20 @@ def loss_plot(report) -> Optional[bytes]:
 # HTML
 # ---------------------------------------------------------------------------------------------
 
-def _table(header: Sequence[str], cells: Sequence[Sequence[str]], *, row_classes: Sequence[str] = ()) -> str:
-    """A table from already formatted cells; a verdict cell (a signed number followed by a verdict
-    word, as display.report_table colours them) gets the verdict's colour."""
+def _table(header: Sequence[str], cells: Sequence[Sequence[str]], *, row_classes: Sequence[str] = (),
+           verdicts: Optional[Sequence[Sequence[Optional[str]]]] = None) -> str:
+    """A table from already formatted cells; a verdict cell gets the verdict's colour: the word in
+    `verdicts` (parallel to cells, Report.cell_verdicts), else a cell that is a signed number
+    followed by a verdict word."""
     out = ['<div class="scroll"><table><thead><tr>', *[f"<th>{_e(h)}</th>" for h in header], "</tr></thead><tbody>"]
     for i, row in enumerate(cells):
         cls = row_classes[i] if i < len(row_classes) else ""
         out.append(f'<tr class="{_e(cls)}">' if cls else "<tr>")
-        for c in row:
-            word = next((w for w in VERDICT_COLORS if f" {w}" in c), None) if c[:1] in "+-" else None
+        for j, c in enumerate(row):
+            if verdicts is not None:
+                word = verdicts[i][j] if verdicts[i][j] in VERDICT_COLORS else None
+            else:
+                word = next((w for w in VERDICT_COLORS if f" {w}" in c), None) if c[:1] in "+-" else None
             if word:
                 out.append(f'<td class="verdict" style="color:{VERDICT_COLORS[word]}">{_e(c)}</td>')
             else:
@@ -192,6 +226,21 @@ def _table(header: Sequence[str], cells: Sequence[Sequence[str]], *, row_classes
         out.append("</tr>")
     out.append("</tbody></table></div>")
     return "".join(out)
+
+
+def _answer(report) -> str:
+    """One line per variant, its verdicts first (Report.answer_lines, markdown bold made HTML)."""
+    import re
+
+    items = []
+    for line in report.answer_lines():
+        text = _e(line[2:] if line.startswith("- ") else line)
+        items.append("<li>" + re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text, count=1) + "</li>")
+    if not items:
+        return ""
+    family = report.family()
+    tail = f'<p class="note">{_e(family[0].upper() + family[1:])}.</p>' if family else ""
+    return f'<section id="answer"><ul class="answer">{"".join(items)}</ul>{tail}</section>'
 
 
 def _img(png: bytes, alt: str, cls: str = "") -> str:
@@ -238,25 +287,42 @@ def render_html(report) -> str:
     if report.description:
         parts.append(f'<p class="description">{_e(report.description)}</p>')
     parts.append(f'<p class="facts">{fact_html}</p>')
+    parts.append(_answer(report))
 
-    # the verdict table: the very cells of report.md and the terminal (Report.header/cells/caption)
+    # the verdict table: the very cells of report.md (Report.header/cells/caption)
     row_classes = ["baseline" if r.is_baseline else "" for r in report.rows]
-    parts += ['<section id="verdicts"><h2>Verdicts</h2>', _table(report.header(), report.cells(), row_classes=row_classes),
+    parts += ['<section id="verdicts"><h2>Verdicts</h2>',
+              _table(report.header(), report.cells(), row_classes=row_classes, verdicts=report.cell_verdicts()),
               f'<p class="caption">{_e(report.caption())}.</p></section>']
+    words = report.verdicts_in_words()
+    if words:
+        what = "" if report.until_decided else " (p-values, MDE, seeds)"
+        parts += [f'<details class="note"><summary>Verdicts in words{what}</summary><ul>',
+                  *[f"<li>{_e(w[2:])}</li>".replace("**", "") for w in words], "</ul></details>"]
     cmp = report.paper_comparison
     if cmp is not None:
         parts += ['<section id="paper"><h2>Against the paper\'s ablation table</h2>',
                   f'<p class="note">{_e(cmp.summary())}</p>', _table(cmp.header(), cmp.cells()), "</section>"]
 
     floor = report.noise_floor().get(report.primary)
-    n1 = [r.variant for r in report.rows if report.primary in r.verdicts and r.verdicts[report.primary].diff is not None
-          and r.verdicts[report.primary].diff.half is None]
-    note = ("Each bar: the mean over seeds of (variant − baseline) with its 95% t-interval; a verdict is better / "
-            "worse only when the interval excludes 0. ")
+    shown = {r.variant: _interval(r.verdicts[report.primary]) for r in report.rows
+             if not r.is_baseline and report.primary in r.verdicts}
+    hollow = [v for v, i in shown.items() if i is not None and i[1] is None]
+    family = report.family()
+    if report.until_decided:
+        note = ("Each bar: the mean over seeds of (variant − baseline) with its anytime-valid 95% interval (valid "
+                "however often seeds were added); a verdict is better / worse when the interval excludes 0. ")
+    else:
+        note = "Each bar: the mean over seeds of (variant − baseline) with its 95% t-interval (unadjusted); "
+        note += (f"the colour is the verdict, {family}, so a bar that clears 0 can stay inconclusive. " if family
+                 and report.multiple_comparisons != "none" and len(shown) > 1
+                 else "a verdict is better / worse only when the interval excludes 0. ")
     note += (f"Grey band: ± the seed-to-seed sd pooled over the variants ({floor:.2g}), the noise floor. " if floor
              else "No noise floor: it needs at least 2 seeds of a variant. ")
-    if n1:
-        note += f"Hollow points ({', '.join(n1)}): one paired seed, so no error bar and no verdict."
+    if hollow and report.until_decided:
+        note += f"Hollow points ({', '.join(hollow)}): too few seeds for a bounded interval yet."
+    elif hollow:
+        note += f"Hollow points ({', '.join(hollow)}): one paired seed, so no error bar and no verdict."
     parts.append(_plot_section(f"Forest plot: Δ {report.primary} against the baseline", forest_plot(report),
                                f"forest plot of the paired differences in {report.primary}", note,
                                "No variant has a paired difference to the baseline yet.", "forest"))
