@@ -90,6 +90,12 @@ def test_report_html_has_verdicts_forest_plot_grids_and_losses(study_report):
     assert f'<td class="verdict" style="color:#1a7f37">{fmt["k5"]}</td>' in page            # better: green
     assert f'<td class="verdict" style="color:#cf222e">{fmt["resnet"]}</td>' in page        # worse: red
     assert f'<td class="verdict" style="color:#9a6700">{fmt["cca"]}</td>' in page           # inconclusive
+    # the verdicts are Holm-adjusted over the 6 variants, and the page says so; one line per variant first
+    assert html.escape(report.family()) in page and "Holm-adjusted over the 6 variants" in report.family()
+    assert page.index('<ul class="answer">') < page.index('<section id="verdicts">')
+    for line in report.answer_lines():
+        variant = line.split("**")[1]
+        assert f"<li><b>{html.escape(variant)}</b>: " in page
     assert "Against the paper's ablation table</h2>" in page and html.escape(report.paper_comparison.summary()) in page
     assert all(f">{html.escape(c)}</td>" in page for cells in report.paper_comparison.cells() for c in cells)
     # the forest plot, one grid per variant with a grid (and "no samples" for the one without), the loss plot
