@@ -723,6 +723,8 @@ def name_group(op: str, in_block: bool) -> str:
         return "layernorm_modulation"
     if "grn" in n:
         return "grn"
+    if "depthwiseconv" in n:  # fcdm_lab's hand-written CPU depthwise backward (_DepthwiseConvFunctionBackward)
+        return "depthwise_conv"
     if base in ("linear", "addmm", "mm", "bmm", "matmul", "baddbmm"):
         return "gemm"
     if in_block and base in ELEMENTWISE:

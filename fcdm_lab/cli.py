@@ -266,7 +266,7 @@ WorkersOpt = typer.Option(None, "--workers", min=1, help="Workers: processes on 
 
 
 def _launcher(kind, partition, gpus, time_limit, cpus, job_logs):
-    from .studies.engine import Launcher
+    from .studies.launchers import Launcher
 
     return Launcher.from_options(kind, partition=partition, gpus_per_worker=gpus, time_limit_min=time_limit,
                                  cpus_per_worker=cpus, job_logs=job_logs)
@@ -288,28 +288,35 @@ def ablate(
     time_limit: Optional[int] = TimeLimitOpt,
     cpus_per_worker: Optional[int] = CpusOpt,
     job_logs: Optional[Path] = JobLogsOpt,
+    until_decided: bool = typer.Option(False, "--until-decided", help="Add seeds in rounds (one per round to the baseline and each undecided variant) until every variant is decided on the primary metric, with anytime-valid verdicts."),
+    max_seeds: Optional[int] = typer.Option(None, "--max-seeds", min=2, help="--until-decided: at most this many seeds per variant (default 20)."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="--until-decided: no new round once it would pass this wall time (e.g. 90m, 2h, 1h30m, 3600s)."),
 ):
-    """Run an ablation study: one MLflow parent run, one child per variant and seed, verdicts."""
+    """Run a study: one MLflow parent run, one child per variant and seed, verdicts (no name: list them)."""
+    from .schema import parse_duration
     from .studies import ablate as ab
 
     launch = _launcher(launcher, partition, gpus_per_worker, time_limit, cpus_per_worker, job_logs)
+    budget_s = parse_duration("--budget", budget) if budget is not None else None
     if name is None:
         ab.print_studies(console)
         return
     ab.run_ablation(name, seeds=seeds, steps=steps, overrides=_overrides(set_), uri=tracking_uri,
-                    out_dir=out, console=console, workers=workers, storage=storage, launcher=launch)
+                    out_dir=out, console=console, workers=workers, storage=storage, launcher=launch,
+                    until_decided=until_decided, max_seeds=max_seeds, budget_s=budget_s)
 
 
 @app.command()
 def sweep(
-    name: str = typer.Argument(..., help="Sweep file in studies/ (e.g. scaling-lc) or a path."),
-    trials: Optional[int] = typer.Option(None, "--trials", min=1, help="Trials to run (default: the sweep file's)."),
+    name: str = typer.Argument(..., help="A scaling study (kind = \"scaling\": a grid of L, C and budgets) or an Optuna search (kind = \"sweep\") in studies/, or a path."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Scaling studies: paired seeds per point (default: the file's)."),
+    trials: Optional[int] = typer.Option(None, "--trials", min=1, help="Optuna searches: trials to run (default: the file's)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default sqlite:///optuna.db); the same URL on many workers joins one study."),
-    study_name: Optional[str] = typer.Option(None, "--study-name", help="Optuna study name (default: derived from the sweep)."),
+    study_name: Optional[str] = typer.Option(None, "--study-name", help="Optuna searches: the study name (default: derived from the file)."),
     set_: Optional[List[str]] = SetOpt,
     tracking_uri: Optional[str] = UriOpt,
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the trials' runs, table and plot."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps of every trial (replaces the file's budget)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the runs, tables and plots."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps of every run (replaces the file's budget)."),
     workers: Optional[int] = WorkersOpt,
     launcher: str = LauncherOpt,
     partition: Optional[str] = PartitionOpt,
@@ -318,15 +325,13 @@ def sweep(
     cpus_per_worker: Optional[int] = CpusOpt,
     job_logs: Optional[Path] = JobLogsOpt,
 ):
-    """Optuna sweep over L and C (single objective with pruning, or a Pareto front)."""
-    from .studies.sweep import run_sweep
+    """Scaling study with seeds and fitted laws, or an Optuna search over L and C (Pareto front)."""
+    from .studies.sweep import sweep_command
 
     launch = _launcher(launcher, partition, gpus_per_worker, time_limit, cpus_per_worker, job_logs)
-    overrides = _overrides(set_)
-    if steps is not None:
-        overrides["train.steps"] = steps
-    run_sweep(name, trials=trials, storage=storage, study_name=study_name, uri=tracking_uri,
-              overrides=overrides, out_dir=out, workers=workers or launch.default_workers(), launcher=launch)
+    sweep_command(name, seeds=seeds, trials=trials, steps=steps, study_name=study_name, storage=storage,
+                  uri=tracking_uri, overrides=_overrides(set_), out_dir=out, workers=workers, launcher=launch,
+                  console=console)
 
 
 @app.command()

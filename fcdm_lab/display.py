@@ -215,11 +215,9 @@ def report_table(report, width: int = REPORT_WIDTH) -> Table:
     each metric's mean and each metric's short verdict cell (coloured), with a short caption, title
     and caption left-aligned. The most complete of report.compact's levels whose natural width fits
     `width` (the last one otherwise: rich folds it); the full table is report.md / report.html's."""
-    from .studies.report import COMPACT_LEVELS
-
     measure = Console(file=io.StringIO(), width=1000)
     table = None
-    for level in range(len(COMPACT_LEVELS)):
+    for level in range(len(report.compact_levels)):
         table = _compact_report_table(report, *report.compact(level), width)
         if measure.measure(table).maximum <= width:
             break

@@ -234,5 +234,20 @@ def flatten_overrides(data: Mapping[str, Any], where: str, sections: tuple) -> D
 
 
 
-__all__ = ["SAFE_NAME", "TYPE_NAMES", "apply_overrides", "check_name", "check_value", "flatten_overrides", "from_dict",
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_duration(key: str, text: str) -> float:
+    """'90m', '2h', '1h30m', '45s' or '3600' (seconds) -> seconds > 0; else a one-line UserError."""
+    m = _DURATION.match(str(text).strip().lower()) if text else None
+    if m is None or not any(m.groups()):
+        raise UserError(f"{key} must be a duration such as 90m, 2h, 1h30m or 3600s, got {text!r}")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in m.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if not total > 0:
+        raise UserError(f"{key} must be a positive duration, got {text!r}")
+    return total
+
+
+__all__ = ["parse_duration", "SAFE_NAME", "TYPE_NAMES", "apply_overrides", "check_name", "check_value", "flatten_overrides", "from_dict",
            "parse_override", "read_toml", "resolve_named_file", "strict_table", "table_class", "typed_value"]

@@ -12,7 +12,10 @@ import fcdm_lab.runner as evaluate_mod  # the run pipeline: where the children's
 from fcdm_lab.config import load_experiment
 from fcdm_lab.errors import UserError
 from fcdm_lab.eval.evaluate import evaluate_checkpoint
-from fcdm_lab.studies import build_report, load_study, rerun, run_ablation, studies_table, study_names, write_report
+from fcdm_lab.studies.ablate import run_ablation
+from fcdm_lab.studies.report import build_report, report_command
+from fcdm_lab.studies.rerun import rerun
+from fcdm_lab.studies.spec import load_study, study_names
 from fcdm_lab.runner import train_tracked
 from fcdm_lab.tracking.client import RUN_FILE
 
@@ -128,7 +131,7 @@ def test_interrupted_study_resumes_and_report_rebuilds(store, tiny_study, monkey
     assert build_report(result.parent_run_id).markdown() == report.markdown()
 
     out = Path("my-report")
-    _, paths = write_report(result.parent_run_id, out_dir=out)
+    _, paths = report_command(result.parent_run_id, out_dir=out)
     assert paths["markdown"].read_text() == report.markdown() and paths["plot"].stat().st_size > 1000
     assert paths["html"] == out / "report.html" and "Forest plot" in paths["html"].read_text()
 
@@ -206,8 +209,10 @@ def test_unreachable_store_fails_before_training(tiny_study):
 def test_listing_shows_every_study():
     from rich.console import Console
 
-    console = Console(width=300, record=True)
-    console.print(studies_table())
+    from fcdm_lab.studies.ablate import print_studies
+
+    console = Console(width=120, record=True)
+    print_studies(console)
     text = console.export_text()
     for name in study_names():
         assert name in text

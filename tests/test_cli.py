@@ -111,7 +111,7 @@ def test_console_script_bad_input_has_no_traceback():
     (["train", "tiny-digits", "--set", "model.block={family=\"transformer\"}"], f"valid: {', '.join(BLOCKS.names())}"),
     (["sample", "--checkpoint", "no-such.pt"], "no-such.pt"),
     (["ablate", "no-such-study"], "unknown study 'no-such-study'; available: "),
-    (["sweep", "scaling-lc", "--storage", "notaurl"], "storage"),
+    (["sweep", "search-lc", "--storage", "notaurl"], "storage"),
 ])
 def test_bad_input_train_sample_studies(capsys, args, needle):
     code, out, err = run(capsys, *args, *(["--no-track"] if args[0] == "train" else []))

@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY, postgres_cluster
 from optuna.trial import TrialState
 
-from fcdm_lab.studies import run_ablation
+from fcdm_lab.studies.ablate import run_ablation
 
 
 STUDY = """

@@ -115,7 +115,7 @@ def test_study_file_parses_and_builds(name):
         # Optuna sweeps are run and tested by the sweep module; here: the base and its overrides load.
         data = tomllib.loads(path.read_text())
         config_from_dict(apply_overrides(experiment_data(data["base"]), flatten_overrides(data.get("set", {}), name, SECTIONS)))
-        with pytest.raises(UserError, match="is a sweep"):
+        with pytest.raises(UserError, match="is an Optuna search"):
             load_study(name)
         return
     spec = load_study(name)
@@ -210,7 +210,7 @@ def test_study_and_sweep_files_use_the_same_policy(tmp_path):
     study.write_text(study.read_text().replace("seeds = 2.0", 'seeds = "2"'))
     with pytest.raises(UserError, match=r"s.toml\): seeds must be int \(a whole number\), got '2'$"):
         load_study(study)
-    sweep = (STUDIES_DIR / "scaling-lc.toml").read_text()
+    sweep = (STUDIES_DIR / "search-lc.toml").read_text()
     assert "\ntrials = 10\n" in sweep
     (tmp_path / "w.toml").write_text(sweep.replace("\ntrials = 10\n", "\ntrials = 2.5\n"))
     with pytest.raises(UserError, match=r"trials must be int \(a whole number\), got 2.5"):

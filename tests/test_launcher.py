@@ -19,7 +19,8 @@ from test_engine import the_study, write_study
 
 from fcdm_lab.cli import main
 from fcdm_lab.errors import UserError
-from fcdm_lab.studies.engine import Launcher, run_workers
+from fcdm_lab.studies.ablate import AblationWorker
+from fcdm_lab.studies.launchers import Launcher, run_workers
 
 
 def run(capsys, *args):
@@ -135,7 +136,8 @@ def _key(trial):
 
 def test_worker_user_error_is_one_line_in_the_job_stderr(tmp_path):
     launcher = Launcher.from_options("submitit-local", job_logs=tmp_path / "jobs")
-    codes = run_workers("ablation", {"name": "no-such-study", "study_name": "nothing"}, 1, launcher)
+    job = AblationWorker("no-such-study", "nothing", None, None, {}, "sqlite:///mlflow.db", "sqlite:///optuna.db", "x")
+    codes = run_workers(job, 1, launcher)
     assert codes == [2]
     (err,) = (tmp_path / "jobs").glob("*_0_log.err")
     lines = [line for line in err.read_text().splitlines() if "no-such-study" in line]
@@ -163,7 +165,8 @@ def test_refused_submission_is_one_line(fake_slurm, tmp_path, capfd):
     launcher = Launcher.from_options("slurm", partition="nope", time_limit_min=10, job_logs=tmp_path / "jobs")
     with pytest.raises(UserError, match=r"submitting 2 worker job\(s\) to Slurm \(partition nope.*failed: sbatch: "
                                         r"error: invalid partition specified: nope$"):
-        run_workers("ablation", {"study_name": "x"}, 2, launcher)
+        run_workers(AblationWorker("x", "x", None, None, {}, "sqlite:///mlflow.db", "sqlite:///optuna.db", "x"), 2,
+                    launcher)
     assert capfd.readouterr() == ("", "")  # submitit's own print of sbatch's complaint is not shown
 
 
@@ -184,7 +187,7 @@ def test_submitit_local_makes_relative_stores_absolute(tmp_path):
 ])
 def test_bad_launcher_options(capsys, tmp_path, monkeypatch, command, args, message):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
-    name = "grn-vs-cca" if command == "ablate" else "scaling-lc"
+    name = "grn-vs-cca" if command == "ablate" else "search-lc"
     code, out, err = run(capsys, command, name, *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not out
     assert not list(tmp_path.iterdir())  # nothing written
@@ -196,7 +199,7 @@ def test_bad_launcher_options(capsys, tmp_path, monkeypatch, command, args, mess
     (["--tracking-uri", "sqlite:///mlflow.db"], "--tracking-uri sqlite:///mlflow.db"),
 ])
 def test_slurm_needs_shared_stores(capsys, tmp_path, fake_slurm, command, store_args, what):
-    name = "grn-vs-cca" if command == "ablate" else "scaling-lc"
+    name = "grn-vs-cca" if command == "ablate" else "search-lc"
     code, out, err = run(capsys, command, name, "--launcher", "slurm", "--time-limit", "60",
                          "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", *store_args)
     assert code == 2 and len(err.strip().splitlines()) == 1, err

@@ -296,7 +296,7 @@ def test_folder_lock_refuses_a_second_holder_and_is_released_when_it_dies(tmp_pa
 
 
 def test_unsafe_study_name_is_refused(tmp_path, capsys):
-    one_line_exit_2(*run(capsys, "sweep", "scaling-lc", "--study-name", "../x"), "study name '../x' is not allowed")
+    one_line_exit_2(*run(capsys, "sweep", "search-lc", "--study-name", "../x"), "study name '../x' is not allowed")
     assert list(tmp_path.iterdir()) == []
 
 

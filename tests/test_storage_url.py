@@ -89,7 +89,7 @@ def test_a_password_in_the_tracking_uri_is_neither_printed_nor_stored(password_p
 
     import optuna
 
-    from fcdm_lab.studies.engine import URI_ATTR, check_parent_reachable
+    from fcdm_lab.studies.study import URI_ATTR, check_parent_reachable
     from fcdm_lab.errors import UserError
 
     password = "s3cr@t"

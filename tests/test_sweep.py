@@ -15,6 +15,7 @@ import pytest
 
 from fcdm_lab.errors import UserError
 from fcdm_lab.studies import sweep as sw
+from fcdm_lab.studies.sweep_file import load_sweep, sweep_names
 
 BASE = """
 name = "sweep-test"
@@ -249,10 +250,10 @@ def test_pareto_front_plot_and_compute_budget(tmp_path):
 def test_multi_objective_with_pruner_is_a_user_error(tmp_path):
     path = write_sweep(tmp_path, pruner='"median"', eval_every="2")
     with pytest.raises(UserError, match="cannot prune multi-objective"):
-        sw.load_sweep(path)
+        load_sweep(path)
     path = write_sweep(tmp_path, objectives='[ { metric = "final_loss" } ]', pruner='"hyperband"')
     with pytest.raises(UserError, match="eval_every > 0"):
-        sw.load_sweep(path)
+        load_sweep(path)
 
 
 @pytest.mark.parametrize("url", ["optuna.db", "sqlite://", "nosuchdb://x/y", "postgresql://u@localhost/db",
@@ -278,18 +279,18 @@ def test_bad_storage_url_is_a_user_error_within_seconds(tmp_path, url):
 ])
 def test_strict_sweep_file(tmp_path, top, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
-        sw.load_sweep(write_sweep(tmp_path, **top))
+        load_sweep(write_sweep(tmp_path, **top))
 
 
 def test_strict_space_and_early_model_check(tmp_path):
     path = write_sweep(tmp_path)
     path.write_text(path.read_text().replace('step = 8 }', 'step = 8, stride = 2 }'))
     with pytest.raises(UserError, match=r"space.C: unknown key 'stride' for type 'int'; valid keys: type, low, high"):
-        sw.load_sweep(path)
+        load_sweep(path)
     path.write_text(path.read_text().replace(", stride = 2", ""))
     path.write_text(path.read_text() + 'width = { type = "int", low = 1, high = 2 }\n')
     with pytest.raises(UserError, match="'width' is not an experiment key"):
-        sw.load_sweep(path)
+        load_sweep(path)
     # an odd width is refused before any trial trains (FCDM needs even C)
     path = write_sweep(tmp_path)
     path.write_text(path.read_text().replace("low = 8, high = 16, step = 8", "low = 9, high = 9"))
@@ -301,8 +302,8 @@ def test_strict_space_and_early_model_check(tmp_path):
 
 
 def test_bundled_scaling_sweep_is_valid():
-    spec = sw.load_sweep("scaling-lc")
+    spec = load_sweep("search-lc")
     assert spec.multi and spec.metrics == ["fid_digits", "gmacs"]
     assert [p.key for p in spec.space] == ["model.L", "model.C"]
     assert all(c % 2 == 0 and c >= 8 for c in spec.space[1].grid())
-    assert "scaling-lc" in sw.sweep_names()
+    assert "search-lc" in sweep_names()

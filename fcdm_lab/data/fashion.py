@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from fcdm_lab.data.registry import DATASETS, DataRequest, DataSplit
+from fcdm_lab.data.images import default_data_root, open_torchvision
 from fcdm_lab.errors import UserError, choices
 
 NAME = "fashion-mnist"
@@ -91,8 +92,6 @@ def resolve_dir(folder: str | os.PathLike | None, split: str = "train", download
     """The folder that holds `split`'s files: `folder`, or with none given `default_dir()` and then
     the download folder; downloaded there first when `download`, else a UserError that says how to
     install the data."""
-    from fcdm_lab.data.images import default_data_root, open_torchvision
-
     if split not in SPLITS:
         raise UserError(f"unknown {NAME} split {split!r}; valid splits: {choices(SPLITS)}")
     candidates = [os.path.expanduser(os.fspath(folder))] if folder else [default_dir(), default_data_root()]

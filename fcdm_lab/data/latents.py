@@ -32,8 +32,10 @@ import torch
 from torch.utils.data import Dataset
 
 from fcdm_lab.data.registry import DATASETS, DataRequest, DataSplit
+from fcdm_lab.data.images import ImageFolderDataset
 from fcdm_lab.errors import UserError, choices
 from fcdm_lab.progress import track
+from fcdm_lab.rng import derive_seed
 
 FORMAT = "fcdm-lab-latents"
 FORMAT_VERSION = 1
@@ -426,9 +428,6 @@ def extract_latents(images: str, vae: str, out: str, image_size: int = 256, batc
     every batch mirrored and stores it as extra entries after the originals (count doubles);
     flip="none" (or False) stores the images as they are. dtype "float16" halves the store.
     """
-    from fcdm_lab.data.images import ImageFolderDataset
-    from fcdm_lab.rng import derive_seed
-
     flip = {True: "both", False: "none"}.get(flip, flip) if isinstance(flip, bool) else flip
     if not (isinstance(image_size, int) and 8 <= image_size <= MAX_IMAGE_SIZE and image_size % 8 == 0):
         raise UserError(f"image size must be a multiple of 8 from 8 to {MAX_IMAGE_SIZE} pixels (the SD-VAE's factor), "

@@ -22,6 +22,7 @@ from ..inference.samples import grid_array
 from ..tracking.client import RunPointer, attach_run, get_client, tracked_run
 from ..urls import redact
 from .classifier import get_classifier
+from .heldout import heldout_loss, split_metric_names
 from .protocol import evaluate_protocol, get_protocol, require_reference
 from .samples_io import check_sample_source, save_npz
 from .metrics import (CLASSIFIER_DATA, INCEPTION_METRICS, ISC_SPLITS, REFERENCES, check_metric_names, check_metrics_for,
@@ -111,6 +112,14 @@ def evaluate_model(model: torch.nn.Module, cfg, *, num_samples: int | None = Non
 
     ev = cfg.eval
     metrics = check_metric_names(expand_metric_names(ev.metrics if metrics is None else metrics, cfg.data.name))
+    heldout, metrics = split_metric_names(metrics)
+    values: Dict[str, float] = {}
+    if heldout:  # the training objective's loss on the held-out split: no sampling
+        values = heldout_loss(model, cfg, objective=objective, device=device)
+        if tracker is not None:
+            tracker.log_metrics(values, step=step or 0)
+    if not metrics:
+        return values
     num = ev.num_samples if num_samples is None else num_samples
     if num < 1:
         raise UserError(f"num_samples must be >= 1, got {num}")
@@ -133,10 +142,9 @@ def evaluate_model(model: torch.nn.Module, cfg, *, num_samples: int | None = Non
                               distributed=False)
     sample_time = time.time() - start
     if save_dir is not None:
-
         save_npz(Path(save_dir) / f"samples_{weights}_step{step or 0}_n{num}.npz", images)
-    values = compute_sample_metrics(images, labels, metrics=metrics, reference=reference, data_name=cfg.data.name,
-                                    inception_weights=inception_weights)
+    values.update(compute_sample_metrics(images, labels, metrics=metrics, reference=reference,
+                                         data_name=cfg.data.name, inception_weights=inception_weights))
     if tracker is not None:
         tracker.log_metrics({**values, "eval.num_samples": num, "eval.sample_time_s": sample_time,
                              "eval.wall_time_s": time.time() - start}, step=step or 0)

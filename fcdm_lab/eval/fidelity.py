@@ -57,6 +57,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from fcdm_lab.errors import UserError, choices
+from fcdm_lab.fileio import atomic_write
 from fcdm_lab.data.digits import digits_arrays
 from fcdm_lab.data.fashion import fashion_arrays
 from fcdm_lab.eval.classifier import (
@@ -458,17 +459,12 @@ def _read_cache(path: Path, shapes: dict[str, tuple], dtypes: dict[str, np.dtype
 
 
 def _write_cache(path: Path, **arrays: np.ndarray) -> None:
-    """Write an .npz atomically: aside in the same folder, then os.replace (a reader sees the old file
-    or the whole new one, and two writers do not mix)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    """Write an .npz atomically (fileio.atomic_write: a reader sees the old file or the whole new one,
+    and two writers do not mix). A read-only or full cache folder costs the cache, not the evaluation."""
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError as e:  # a read-only or full cache folder costs the cache, not the evaluation
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+    except (OSError, UserError) as e:
         log.warning("could not write the cache file %s: %s", path, e)
-        tmp.unlink(missing_ok=True)
 
 
 def _features(images: torch.Tensor, net: FeatureExtractorBase, cuda: bool) -> dict[str, torch.Tensor]:

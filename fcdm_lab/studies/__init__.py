@@ -1,14 +1,6 @@
-"""Ablation studies: study files, running them as tracked MLflow runs, reports, reruns.
-
-    from fcdm_lab.studies import run_ablation, build_report
-    result = run_ablation("grn-vs-cca")
-    print(build_report(result.parent_run_id).markdown())
+"""Studies, one job per module: study files (spec.py, sweep_file.py), creating or joining a study
+(study.py), the engine's worker loop (engine.py) and where workers run (launchers.py), the kinds
+of study (ablate.py: variants x seeds, also --until-decided; sweep.py: Optuna searches), the
+statistics (verdicts.py, sequential.py, scaling.py, paper.py), reports (report.py, report_html.py,
+sweep_results.py), storages (storage.py) and reruns (rerun.py). This package re-exports nothing.
 """
-from .ablate import ChildOutcome, StudyResult, print_studies, run_ablation, studies_table
-from .report import Report, build_report, write_report
-from .rerun import RerunResult, rerun
-from .spec import StudySpec, Variant, list_studies, load_study, plan_study, study_names
-
-__all__ = ["ChildOutcome", "Report", "RerunResult", "StudyResult", "StudySpec", "Variant", "build_report",
-           "list_studies", "load_study", "plan_study", "print_studies", "rerun", "run_ablation", "studies_table",
-           "study_names", "write_report"]

@@ -2,15 +2,23 @@
 
     result = run_ablation("grn-vs-cca")                          # the main job: 2 workers on 2 cores
     result = run_ablation("kernel-size", seeds=3, steps=500, overrides=["train.lr=3e-4"], workers=4)
+    result = run_ablation("paper-ablation-fashion", until_decided=True, max_seeds=10)
 
 A study is an Optuna study (storage.py; sqlite:///optuna.db by default, any RDB URL with
 `--storage`) whose trials are the (variant, seed) grid, named after the study and a hash of its
-resolved settings, and one MLflow parent run (tags study, kind=ablation, settings_hash; its id in
-the Optuna study's user attrs) with one child run per variant and seed. `workers` processes run
-the trials (engine.py): one single-thread worker per core on CPU, one per GPU on GPU machines.
-Variants with the same seed share data order, diffusion noise and evaluation noise, so the
-report's paired differences cancel most of the seed noise; the report (report.py, verdicts.py)
-gives each variant better / worse / inconclusive per metric.
+resolved settings (not of the number of seeds: more seeds extend the same study), and one MLflow
+parent run (tags study, kind=ablation, settings_hash; its id in the Optuna study's user attrs) with
+one child run per variant and seed. Workers (launchers.py) run the trials on the engine
+(engine.py): one single-thread worker per core on CPU, one per GPU on GPU machines. Variants with
+the same seed share data order, diffusion noise and evaluation noise, so the report's paired
+differences cancel most of the seed noise; the report (report.py, verdicts.py) gives each variant
+better / worse / inconclusive per metric, Holm-adjusted over the variants.
+
+`until_decided`: seeds in rounds. The first round trains the study's seeds (at least
+MIN_SEQUENTIAL_SEEDS: the anytime-valid intervals are not finite before); after each round the
+primary metric's verdicts use anytime-valid confidence sequences (sequential.py), and the next round
+gives one more seed to the baseline and to each variant still undecided, until every variant is
+decided, `max_seeds` is reached or the `budget_s` would be exceeded by another round.
 
 Running the same command again joins the same study: finished children are kept, interrupted or
 failed ones are queued again and resume from their newest checkpoint, reopening their MLflow run.
@@ -24,25 +32,36 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from rich.console import Console
+
+from ..display import studies_table
 from ..errors import UserError
 from ..eval.metrics import lower_is_better, metric_key
-from ..urls import without_password
-from ..tracking.client import (DEFAULT_EXPERIMENT, experiment_id, get_client, resolve_tracking_uri, STATUS_FAILED, STATUS_FINISHED, STATUS_KILLED, STATUS_RUNNING, tracked_run)
+from ..runner import run_experiment
+from ..tracking.client import (DEFAULT_EXPERIMENT, STATUS_FAILED, STATUS_FINISHED, STATUS_KILLED, STATUS_RUNNING,
+                               Tracker, experiment_id, get_client, resolve_tracking_uri, tracked_run)
 from ..tracking.record import git_state, package_versions
 from ..tracking.ui import browse_hint
-from .engine import PARENT_ATTR, URI_ATTR, Launcher, check_parent_reachable, claim_waiting, run_workers, work
-from .report import STUDY_FILE, Report, build_report
 from ..training.preflight import check_config
 from ..training.state import find_latest_checkpoint
+from .engine import WorkerSlots, claim_waiting, nothing_left, work
+from .launchers import Launcher, run_workers, threads_per_worker
+from .report import STUDY_FILE, Report, build_report
+from .scaling_report import build_scaling_report, load_report
+from .sequential import needs_more_seeds, sequential_verdicts
 from .spec import ChildPlan, StudyPlan, StudySpec, list_studies, load_study, plan_study
 from .storage import DEFAULT_STORAGE, check_storage_url, open_storage, redact, sqlite_init_lock
+from .study import PARENT_ATTR, new_parent_run, open_study
+from .sweep_file import load_sweep, sweep_names
 
 PLAN_ATTR = "settings_hash"
 ROOT_ATTR = "out_dir"
+MIN_SEQUENTIAL_SEEDS = 4    # sequential.py: an anytime-valid interval is finite from 4 paired seeds
 
 
 @dataclass
@@ -69,31 +88,15 @@ class StudyResult:
     study_name: str = ""
     storage: str = ""
     trained_here: int = 0                # children trained by this call's workers
+    rounds: int = 1                      # until_decided: rounds of seeds run by this call
 
-
-# ---------------------------------------------------------------------------------------------
-# Listing
-# ---------------------------------------------------------------------------------------------
 
 def print_studies(console=None) -> List[StudySpec]:
-    from rich.console import Console
-
-    from ..display import studies_table
-
+    """`fcdm-lab ablate` with no name: every bundled study and sweep, one line each."""
     specs = list_studies()
-    (console or Console()).print(studies_table(specs))
+    (console or Console()).print(studies_table(specs, [load_sweep(n) for n in sweep_names()]))
     return specs
 
-
-def studies_table(specs: List[StudySpec] | None = None):
-    from ..display import studies_table as table
-
-    return table(list_studies() if specs is None else specs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding runs
-# ---------------------------------------------------------------------------------------------
 
 def find_child(client, exp_id: str, parent_id: str, variant: str, seed: int):
     """The child run of (variant, seed): a FINISHED one if any, else the newest (or None)."""
@@ -103,13 +106,13 @@ def find_child(client, exp_id: str, parent_id: str, variant: str, seed: int):
     return next((r for r in runs if r.info.status == STATUS_FINISHED), runs[0] if runs else None)
 
 
-# ---------------------------------------------------------------------------------------------
-# The job the engine runs
-# ---------------------------------------------------------------------------------------------
-
 def _key(frozen) -> tuple:
     return frozen.user_attrs.get("variant"), frozen.user_attrs.get("seed")
 
+
+# ---------------------------------------------------------------------------------------------
+# The job the engine runs, and the worker that builds it
+# ---------------------------------------------------------------------------------------------
 
 class AblationJob:
     """Trials are (variant, seed) children; each is trained, evaluated and logged by the run
@@ -130,7 +133,7 @@ class AblationJob:
     def claim(self, study):
         """A queued child that no other trial has finished or is running (a lower-numbered RUNNING
         trial of the same child wins, so a child queued twice by two launchers runs once)."""
-        from optuna.trial import TrialState
+        from optuna.trial import TrialState  # optuna: loaded by the processes that run trials only
 
         while True:
             trial = claim_waiting(study)
@@ -146,8 +149,6 @@ class AblationJob:
             study.tell(trial, state=TrialState.PRUNED)
 
     def run(self, trial) -> float:
-        from ..runner import run_experiment
-
         variant, seed = _key(trial)
         child = self.children.get((variant, seed))
         if child is None:
@@ -161,15 +162,15 @@ class AblationJob:
         existing = find_child(self.client, self.exp_id, self.parent_id, variant, seed)
         resume = "latest" if find_latest_checkpoint(folder) is not None else None
         what = "resuming" if resume else "training"
-        self.console.print(f"[bold]{self.spec.name}[/]: {what} {variant} (seed {seed}) in {folder} "
-                           f"[dim](worker {self.worker}, trial {trial.number})[/]", highlight=False)
+        self.console.print(f"[bold]{self.spec.name}[/]: {what} {variant} (seed {seed}) [dim](worker {self.worker}, "
+                           f"trial {trial.number})[/]", highlight=False)
         tags = {"study": self.spec.name, "variant": variant, "seed": seed, "seed_index": child.seed_index,
                 "kind": "ablation-child", "optuna.trial": trial.number}
         with tracked_run(f"{variant}-seed{seed}", uri=self.uri, parent_run_id=self.parent_id, tags=tags,
                          run_id=existing.info.run_id if existing is not None else None) as tracker:
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
             out = run_experiment(tracker, cfg, folder, resume=resume, evaluate=True, eval_seed=seed,
-                               progress=self.progress, study=self.spec.name, variant=variant, seed=seed)
+                                 progress=self.progress, study=self.spec.name, variant=variant, seed=seed)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in out.metrics.items() if not k.endswith("_std"))
         self.console.print(f"  {variant} seed {seed}: {shown}", highlight=False)
         key = metric_key(self.spec.primary, out.metrics)
@@ -177,10 +178,42 @@ class AblationJob:
         return float(value) if value is not None else float("nan")
 
     def finished(self, study) -> bool:
-        """Nothing to claim and nothing running (a dead worker's trial is failed and retried first)."""
-        from optuna.trial import TrialState
+        return nothing_left(study)
 
-        return not study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+
+@dataclass
+class AblationWorker:
+    """A worker of a study that exists already (engine WorkerJob: picklable, rebuilt in the worker)."""
+
+    name: str
+    study_name: str
+    seeds: Optional[int]
+    steps: Optional[int]
+    overrides: Dict[str, Any]
+    uri: str
+    storage: str
+    launch: str                             # the id of the command that started the worker
+    progress: bool = True
+    experiment: str = DEFAULT_EXPERIMENT
+
+    def run(self, *, console, worker: int, threads: int, shared: bool) -> None:
+        import optuna  # ~0.4 s: loaded by the processes that run trials only
+
+        spec, plan, storage_url, uri = _prepare(self.name, seeds=self.seeds, steps=self.steps,
+                                                overrides=self.overrides, uri=self.uri, storage=self.storage)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.load_study(study_name=self.study_name, storage=open_storage(storage_url))
+        if study.user_attrs.get(PLAN_ATTR) != plan.settings_hash:
+            raise UserError(f"Optuna study {self.study_name!r} was created from other study settings; use the same "
+                            f"study file, --steps and --set as its creator")
+        job = AblationJob(plan, parent_id=study.user_attrs[PARENT_ATTR], uri=uri,
+                          root=Path(study.user_attrs[ROOT_ATTR]), progress=self.progress, console=console,
+                          experiment=self.experiment, threads=threads, worker=worker)
+        if shared:
+            with WorkerSlots(threads) as slots:
+                work(study, job, console=console, slots=slots, launch=self.launch)
+        else:
+            work(study, job, console=console, launch=self.launch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,22 +242,15 @@ def _check_variants(plan: StudyPlan) -> None:
             raise UserError(f"study {plan.spec.name!r}, variant {child.variant!r}: {e}") from None
 
 
-def _create_parent(client, exp_id: str, plan: StudyPlan, study_name: str, storage_text: str) -> str:
-    from mlflow.tracking.context.registry import resolve_tags
-
+def _parent_tags(plan: StudyPlan, study_name: str, storage_text: str) -> Dict[str, Any]:
     commit, dirty = git_state()
-    tags = {"study": plan.spec.name, "kind": "ablation", "settings_hash": plan.settings_hash,
+    return {"study": plan.spec.name, "kind": plan.spec.kind, "settings_hash": plan.settings_hash,
             "optuna.study": study_name, "optuna.storage": storage_text, "git_commit": commit,
             "git_dirty": None if dirty is None else str(dirty).lower(),
             **{f"version.{k}": v for k, v in package_versions().items()}}
-    run = client.create_run(exp_id, run_name=plan.spec.name,
-                            tags=resolve_tags({k: str(v) for k, v in tags.items() if v is not None}))
-    return run.info.run_id
 
 
-def _log_parent_inputs(client, parent_id: str, plan: StudyPlan, root: Path, uri: str) -> None:
-    from ..tracking.client import Tracker
-
+def _log_parent_inputs(client, parent_id: str, plan: StudyPlan, root: Path) -> None:
     spec = plan.spec
     parent = Tracker(client, parent_id)
     parent.log_dict(_study_info(plan), STUDY_FILE)
@@ -237,58 +263,6 @@ def _log_parent_inputs(client, parent_id: str, plan: StudyPlan, root: Path, uri:
                        "study.out_dir": str(root.resolve())})
 
 
-def _create_or_join(plan: StudyPlan, storage, study_name: str, *, client, exp_id: str, uri: str,
-                    storage_text: str, out_dir) -> tuple:
-    """(study, parent_run_id, root folder, created). The creator makes the parent run, the Optuna
-    study and its queue; a racing creator loses on the storage's unique study name, deletes its
-    parent and joins."""
-    import optuna
-    from optuna.exceptions import DuplicatedStudyError
-
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        study = None
-    if study is None:
-        parent = _create_parent(client, exp_id, plan, study_name, storage_text)
-        try:
-            study = optuna.create_study(study_name=study_name, storage=storage, direction=(
-                "minimize" if _lower(plan) else "maximize"))
-        except DuplicatedStudyError:
-            client.delete_run(parent)
-            study = optuna.load_study(study_name=study_name, storage=storage)
-        else:
-            root = Path(out_dir) if out_dir is not None else Path("runs") / "studies" / f"{plan.spec.name}-{parent[:8]}"
-            _log_parent_inputs(client, parent, plan, root, uri)
-            study.set_user_attr(PLAN_ATTR, plan.settings_hash)
-            study.set_user_attr(URI_ATTR, without_password(uri))
-            study.set_user_attr(ROOT_ATTR, str(root.resolve()))
-            for child in plan.children:  # seed-major: whole pairs finish first
-                _enqueue(study, child)
-            study.set_user_attr(PARENT_ATTR, parent)  # last: joiners wait for it, then find everything
-            return study, parent, root, True
-    parent = _wait_for(study, PARENT_ATTR)
-    if parent is None:
-        raise UserError(f"Optuna study {study_name!r} in {storage_text} has no MLflow parent run id (its creator "
-                        f"died while setting it up); delete it (`optuna delete-study --study-name {study_name} "
-                        f"--storage URL`) and run again")
-    check_parent_reachable(client, study, parent, uri, "study")
-    return study, parent, Path(study.user_attrs[ROOT_ATTR]), False
-
-
-def _lower(plan: StudyPlan) -> bool:
-    return lower_is_better(plan.spec.primary)
-
-
-def _wait_for(study, attr: str, timeout_s: float = 30.0):
-    deadline = time.time() + timeout_s
-    while True:
-        value = study.user_attrs.get(attr)  # read from the storage on every access
-        if value or time.time() > deadline:
-            return value
-        time.sleep(0.5)
-
-
 def _enqueue(study, child: ChildPlan) -> None:
     """Queue one child: its (variant, seed) as fixed Optuna params and as user attrs (which the retry
     copy of a dead worker's trial inherits)."""
@@ -296,22 +270,18 @@ def _enqueue(study, child: ChildPlan) -> None:
                         user_attrs={"variant": child.variant, "seed": child.seed})
 
 
-def _requeue_missing(study, plan: StudyPlan) -> int:
-    """Queue again every child with no COMPLETE, WAITING or RUNNING trial (interrupted, failed, or
-    out of retries): how the same command resumes a study. Returns how many were queued."""
-    from optuna.trial import TrialState
+def _queue(study, children: List[ChildPlan]) -> int:
+    """Queue every child with no COMPLETE, WAITING or RUNNING trial (new, interrupted, failed, or out
+    of retries): how a study starts, resumes or grows by seeds. Returns how many were queued."""
+    from optuna.trial import TrialState  # optuna: ~0.4 s, loaded with the study
 
     live = {_key(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING,
                                                                       TrialState.RUNNING))}
-    missing = [c for c in plan.children if (c.variant, c.seed) not in live]
-    for child in missing:
+    missing = [c for c in children if (c.variant, c.seed) not in live]
+    for child in missing:  # seed-major: whole pairs finish first
         _enqueue(study, child)
     return len(missing)
 
-
-# ---------------------------------------------------------------------------------------------
-# Launcher and workers
-# ---------------------------------------------------------------------------------------------
 
 def _prepare(name: str, *, seeds, steps, overrides, uri, storage, probe: bool = False) -> tuple:
     """Everything checked before anything is created: the study file, every child's config, the
@@ -326,48 +296,44 @@ def _prepare(name: str, *, seeds, steps, overrides, uri, storage, probe: bool = 
     return spec, plan, storage_url, uri
 
 
-def run_ablation_worker(name: str, *, seeds=None, steps=None, overrides=None, uri=None, storage=None,
-                        study_name: str, progress: bool = True, console=None, worker: int = 0,
-                        experiment: str = DEFAULT_EXPERIMENT, threads: Optional[int] = None):
-    """One worker of a study that exists already (what `run_ablation` spawns per process, and what
-    it runs in-process with one worker)."""
-    import optuna
-
-    from rich.console import Console
-
-    console = console or Console()
-    spec, plan, storage_url, uri = _prepare(name, seeds=seeds, steps=steps, overrides=overrides, uri=uri,
-                                            storage=storage)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
-    if study.user_attrs.get(PLAN_ATTR) != plan.settings_hash:
-        raise UserError(f"Optuna study {study_name!r} was created from other study settings; use the same study "
-                        f"file, --seeds, --steps and --set as its creator")
-    job = AblationJob(plan, parent_id=study.user_attrs[PARENT_ATTR], uri=uri, root=Path(study.user_attrs[ROOT_ATTR]),
-                      progress=progress, console=console, experiment=experiment, threads=threads, worker=worker)
-    return work(study, job, console=console)
-
+# ---------------------------------------------------------------------------------------------
+# The study
+# ---------------------------------------------------------------------------------------------
 
 def run_ablation(name: str, *, seeds: int | None = None, steps: int | None = None,
                  overrides: Mapping[str, Any] | List[str] | None = None, uri: str | None = None,
                  out_dir=None, progress: bool = True, console=None, experiment: str = DEFAULT_EXPERIMENT,
                  workers: Optional[int] = None, storage: Optional[str] = None,
-                 launcher: Optional[Launcher] = None) -> StudyResult:
+                 launcher: Optional[Launcher] = None, until_decided: bool = False, max_seeds: int | None = None,
+                 budget_s: float | None = None) -> StudyResult:
     """Run, join or resume a study; see the module docstring. overrides: `--set` items ("k=v"
     strings or a {dotted key: value} dict) applied to every variant. out_dir: the study's folder
     (default runs/studies/<study>-<parent run id>/), one sub-folder per child. workers: processes on
     this machine (default: one per core on CPU, one per GPU; one job under Slurm); storage: Optuna
-    RDB URL; launcher: where the workers run (engine.Launcher; default local processes)."""
-    import optuna
+    RDB URL; launcher: where the workers run (launchers.Launcher; default local processes).
+    until_decided: seeds in rounds until every variant is decided on the primary metric, at most
+    max_seeds (default 20) per variant, no new round when it would pass budget_s seconds."""
+    import optuna  # ~0.4 s: the CLI refuses bad input before this
     from optuna.trial import TrialState
-    from rich.console import Console
 
     console = console or Console()
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
     launcher = launcher or Launcher()
     storage, uri = launcher.shared_stores(check_storage_url(storage), resolve_tracking_uri(uri))
-    spec, plan, storage_url, uri = _prepare(name, seeds=seeds, steps=steps, overrides=overrides, uri=uri,
+    spec0 = load_study(name)
+    first = seeds if seeds is not None else spec0.seeds
+    if until_decided:
+        max_seeds = 20 if max_seeds is None else max_seeds
+        first = max(first, MIN_SEQUENTIAL_SEEDS)
+        if max_seeds < first:
+            raise UserError(f"--max-seeds must be >= {first} (the first round: the anytime-valid intervals need "
+                            f"{MIN_SEQUENTIAL_SEEDS} paired seeds), got {max_seeds}")
+        if len(spec0.variants) < 2:
+            raise UserError(f"study {spec0.name!r} has no variant besides its baseline: nothing to decide")
+    elif max_seeds is not None or budget_s is not None:
+        raise UserError("--max-seeds and --budget apply to --until-decided only")
+    spec, plan, storage_url, uri = _prepare(name, seeds=first, steps=steps, overrides=overrides, uri=uri,
                                             storage=storage, probe=True)
     client = get_client(uri, probe=False)
     exp_id = experiment_id(client, experiment)
@@ -375,38 +341,67 @@ def run_ablation(name: str, *, seeds: int | None = None, steps: int | None = Non
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage_obj = open_storage(storage_url)
     study_name = f"ablate-{spec.name}-{plan.settings_hash}"
+
+    def on_create(study, parent: str) -> None:
+        root = Path(out_dir) if out_dir is not None else Path("runs") / "studies" / f"{spec.name}-{parent[:8]}"
+        _log_parent_inputs(client, parent, plan, root)
+        study.set_user_attr(PLAN_ATTR, plan.settings_hash)
+        study.set_user_attr(ROOT_ATTR, str(root.resolve()))
+
     with sqlite_init_lock(storage_url):  # one launcher at a time creates or re-queues on one machine
-        study, parent_id, root, created = _create_or_join(plan, storage_obj, study_name, client=client,
-                                                          exp_id=exp_id, uri=uri, storage_text=storage_text,
-                                                          out_dir=out_dir)
-        requeued = 0 if created else _requeue_missing(study, plan)
+        study, parent_id, created = open_study(
+            storage_obj, study_name, client=client, uri=uri, storage_text=storage_text, what="study",
+            make_parent=lambda: new_parent_run(client, spec.name, _parent_tags(plan, study_name, storage_text),
+                                               experiment),
+            create={"direction": "minimize" if lower_is_better(spec.primary) else "maximize"},
+            on_create=on_create)
+        root = Path(study.user_attrs["out_dir"])
+        queued = _queue(study, plan.children)
     done_before = {_key(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    todo = len(plan.children) - len(done_before)
+    todo = len([c for c in plan.children if (c.variant, c.seed) not in done_before])
     n = min(launcher.default_workers() if workers is None else workers, max(1, todo))
+    mode = f"; until decided (at most {max_seeds} seeds)" if until_decided else ""
     if created:
         console.print(f"Study [bold]{spec.name}[/]: {len(plan.children)} runs ({len(spec.variants)} variants x "
-                      f"{plan.seeds} seed(s)) on {n} worker(s); parent run {parent_id}; Optuna study {study_name} "
-                      f"in {storage_text}", highlight=False)
+                      f"{plan.seeds} seed(s)) on {n} worker(s){mode}; parent run {parent_id}; Optuna study "
+                      f"{study_name} in {storage_text}", highlight=False, soft_wrap=True)
     else:
         console.print(f"Study [bold]{spec.name}[/]: joining parent run {parent_id} ({len(done_before)} of "
-                      f"{len(plan.children)} runs finished, {requeued} queued again) with {n} worker(s)",
-                      highlight=False)
+                      f"{len(plan.children)} runs finished, {queued} queued){mode} with {n} worker(s)",
+                      highlight=False, soft_wrap=True)
 
     start = time.time()
+    launch = uuid.uuid4().hex
     client.update_run(parent_id, status=STATUS_RUNNING)
-    kwargs = dict(name=name, seeds=seeds, steps=steps, overrides=plan.overrides, uri=uri, storage=storage_url,
-                  study_name=study_name, progress=progress and n == 1 and not launcher.submits, experiment=experiment)
+    if until_decided:
+        client.set_tag(parent_id, "study.mode", "until-decided")
+        client.set_tag(parent_id, "study.max_seeds", str(max_seeds))
+    worker_job = AblationWorker(name, study_name, first, steps, plan.overrides, uri, storage_url, launch,
+                                progress=progress and n == 1 and not launcher.submits, experiment=experiment)
+    rounds, round_times = 0, []
     try:
-        if todo == 0:
-            console.print(f"[dim]{spec.name}: every run has finished; rebuilding the report[/]")
-        elif n == 1 and not launcher.submits:
-            from .engine import threads_per_worker
-
-            run_ablation_worker(console=console, threads=threads_per_worker(1), **kwargs)
-        else:
-            codes = run_workers("ablation", kwargs, n, launcher, console)
-            if any(c in (130, 143) for c in codes):  # the workers were stopped by a signal
-                raise KeyboardInterrupt(f"a worker was stopped (exit codes {codes})")
+        while True:
+            rounds += 1
+            round_start = time.time()
+            _run_round(study, worker_job, plan, n, launcher, console)
+            round_times.append(time.time() - round_start)
+            if not until_decided:
+                break
+            more = _next_round(spec, client, exp_id, parent_id, plan, max_seeds)
+            if not more:
+                break
+            if budget_s is not None and time.time() - start + max(round_times) > budget_s:
+                console.print(f"[yellow]{spec.name}[/]: stopping before round {rounds + 1}: another round (~"
+                              f"{max(round_times):.0f} s) would pass the budget of {budget_s:.0f} s", highlight=False)
+                break
+            seeds_now = plan.seeds + 1
+            plan = plan_study(spec, seeds=seeds_now, steps=steps, overrides=plan.overrides)
+            wanted = [c for c in plan.children if c.seed_index == seeds_now - 1 and c.variant in {*more, spec.baseline}]
+            worker_job.seeds = seeds_now
+            with sqlite_init_lock(storage_url):
+                _queue(study, wanted)
+            console.print(f"[bold]{spec.name}[/]: round {rounds + 1}: seed {wanted[0].seed} for {spec.baseline} "
+                          f"and the undecided {', '.join(more)}", highlight=False, soft_wrap=True)
     except BaseException as e:
         _close_children(client, exp_id, parent_id, study, STATUS_KILLED)
         client.set_terminated(parent_id, STATUS_KILLED if isinstance(e, KeyboardInterrupt) else STATUS_FAILED)
@@ -416,14 +411,45 @@ def run_ablation(name: str, *, seeds: int | None = None, steps: int | None = Non
         raise
     _close_children(client, exp_id, parent_id, study, STATUS_FAILED)
     return _finish(plan, study, client=client, exp_id=exp_id, parent_id=parent_id, uri=uri, root=root,
-                   created=created, done_before=done_before, start=start, console=console,
-                   study_name=study_name, storage_text=storage_text)
+                   created=created, done_before=done_before, start=start, console=console, launch=launch,
+                   study_name=study_name, storage_text=storage_text, rounds=rounds)
+
+
+def _run_round(study, worker_job: AblationWorker, plan: StudyPlan, n: int, launcher: Launcher, console) -> None:
+    """Work until nothing is queued or running: in this process with one local worker, else in
+    worker processes or jobs (stopped by a signal: KeyboardInterrupt)."""
+    if nothing_left(study):
+        console.print(f"[dim]{plan.spec.name}: every queued run has finished[/]")
+    elif n == 1 and not launcher.submits:
+        worker_job.run(console=console, worker=0, threads=threads_per_worker(1), shared=True)
+    else:
+        codes = run_workers(worker_job, n, launcher, console)
+        if any(c in (130, 143) for c in codes):  # the workers were stopped by a signal
+            raise KeyboardInterrupt(f"a worker was stopped (exit codes {codes})")
+
+
+def _next_round(spec: StudySpec, client, exp_id: str, parent_id: str, plan: StudyPlan,
+                max_seeds: int) -> List[str]:
+    """The variants that get another seed: undecided on the primary metric (anytime-valid, Bonferroni
+    over the variants), below max_seeds. Empty when the study is decided or out of seeds."""
+    values: Dict[str, Dict[int, float]] = {}
+    for run in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}'"):
+        if run.info.status != STATUS_FINISHED:
+            continue
+        key = metric_key(spec.primary, run.data.metrics)
+        if key is not None:
+            values.setdefault(run.data.tags.get("variant"), {})[int(run.data.tags.get("seed"))] = run.data.metrics[key]
+    base = values.get(spec.baseline, {})
+    diffs = {v.name: [values.get(v.name, {})[s] - base[s] for s in sorted(base) if s in values.get(v.name, {})]
+             for v in spec.variants if v.name != spec.baseline}
+    verdicts = sequential_verdicts(diffs, lower_is_better=lower_is_better(spec.primary), max_seeds=max_seeds)
+    return needs_more_seeds(verdicts)
 
 
 def _close_children(client, exp_id: str, parent_id: str, study, status: str) -> None:
     """Child runs left RUNNING by a worker that died without a retry (out of retries, or the study
     was stopped) end with `status`: nothing stays RUNNING in MLflow once the study ends."""
-    from optuna.trial import TrialState
+    from optuna.trial import TrialState  # optuna: loaded with the study
 
     running = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     for run in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = "
@@ -433,43 +459,50 @@ def _close_children(client, exp_id: str, parent_id: str, study, status: str) -> 
 
 
 def _finish(plan: StudyPlan, study, *, client, exp_id, parent_id, uri, root, created, done_before, start, console,
-            study_name, storage_text) -> StudyResult:
-    from optuna.trial import TrialState
-
-    from ..tracking.client import Tracker
+            launch, study_name, storage_text, rounds) -> StudyResult:
+    from optuna.trial import TrialState  # optuna: loaded with the study
 
     spec = plan.spec
-    complete = {_key(t): t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if _key(t) not in complete]
+    trials = study.get_trials(deepcopy=False)
+    complete = {_key(t): t for t in trials if t.state == TrialState.COMPLETE}
+    failed = [t for t in trials if t.state == TrialState.FAIL and _key(t) not in complete]
+    queued = {_key(t) for t in trials}  # until_decided: decided variants' later seeds were never queued
     outcomes: List[ChildOutcome] = []
     for child in plan.children:
         key = (child.variant, child.seed)
+        if key not in queued:
+            continue
         run = find_child(client, exp_id, parent_id, child.variant, child.seed)
         status = run.info.status if run is not None else "missing"
         outcomes.append(ChildOutcome(child.variant, child.seed, run.info.run_id if run else None, status,
                                      key in done_before, root / f"{child.variant}-seed{child.seed}",
                                      dict(run.data.metrics) if run else {}))
     parent = Tracker(client, parent_id, resumed=True)
-    trained = sum(o.status == STATUS_FINISHED and not o.skipped for o in outcomes)
-    parent.log_metrics({"study.wall_time_s": time.time() - start, "study.children_trained": trained})
+    trained = sum(t.user_attrs.get("launch") == launch for t in complete.values())  # by this command's workers
+    parent.log_metrics({"study.wall_time_s": time.time() - start, "study.children_trained": trained,
+                        "study.rounds": rounds})
     missing = [o for o in outcomes if o.status != STATUS_FINISHED]
-    report = build_report(parent_id, uri)
+    if spec.kind == "scaling":
+        report = build_scaling_report(*load_report(parent_id, uri))
+    else:
+        report = build_report(parent_id, uri)
     report.status = STATUS_FAILED if missing else STATUS_FINISHED  # what the parent ends as, just below
     paths = report.write(root / "report")
     report.log(parent, paths)  # the files just written, not rendered again
     report.print(console)
-    console.print(f"Report: {paths['markdown']}, plot {paths['plot']}, page {paths['html']}", highlight=False)
-    console.print(browse_hint(parent_id, uri, report=True), highlight=False)
+    console.print(f"Report: {paths['html']} (also {', '.join(p.name for k, p in paths.items() if k != 'html')})",
+                  highlight=False, soft_wrap=True)
+    console.print(browse_hint(parent_id, uri, report=True), highlight=False, soft_wrap=True)
     client.set_terminated(parent_id, report.status)
     if missing:  # the parent ends FAILED, so the same command resumes it and retries these
         errors = {_key(t): t.user_attrs.get("error", "failed") for t in failed}
         first = missing[0]
-        raise UserError(f"{len(missing)} of {len(plan.children)} runs of study {spec.name!r} failed (first: "
+        raise UserError(f"{len(missing)} of {len(outcomes)} runs of study {spec.name!r} failed (first: "
                         f"{first.variant} seed {first.seed}: {errors.get((first.variant, first.seed), first.status)}); "
                         f"the report covers the rest; run the same command again to retry the failed ones")
     return StudyResult(spec.name, parent_id, plan.settings_hash, not created, root, outcomes, report, paths,
-                       study_name=study_name, storage=storage_text, trained_here=trained)
+                       study_name=study_name, storage=storage_text, trained_here=trained, rounds=rounds)
 
 
-__all__ = ["AblationJob", "ChildOutcome", "StudyResult", "find_child", "print_studies", "run_ablation",
-           "run_ablation_worker", "studies_table"]
+__all__ = ["AblationJob", "AblationWorker", "ChildOutcome", "StudyResult", "find_child", "print_studies",
+           "run_ablation"]

@@ -1,52 +1,49 @@
-"""The one engine that runs ablations and sweeps: Optuna trials executed by N worker processes.
+"""The one engine of every study: Optuna trials claimed and run by workers, until nothing is left.
 
-    study = ...                                  # an Optuna study in an RDB storage (storage.py)
-    run_workers(WorkerArgs(kind="ablation", ...), workers=2)   # spawns 2 processes running `work`
+    report = work(study, job)        # job: claim(study) -> trial | None, run(trial) -> value(s), finished(study)
 
-An ablation is an Optuna study whose trials are its (variant, seed) grid, enqueued once by the
-process that creates the study; a sweep is an Optuna study whose trials its sampler proposes. Both
-run through `work`: claim a trial, train/evaluate it as a child MLflow run of the study's one
-parent run (its id is in the study's user attrs), tell Optuna the result, until nothing is left.
+A study is an Optuna study in an RDB storage (storage.py) whose trials are units of work: an
+ablation's or a scaling study's (variant, seed) children, enqueued once by the process that creates
+the study (study.py), or an Optuna search's proposals. Every kind runs through `work`: claim a
+trial, run it (a child MLflow run of the study's one parent run), tell Optuna the result, until the
+job says nothing is left.
 
 Why a loop of our own instead of `study.optimize`: optimize asks the sampler for a new trial
-whenever the queue is empty, which for an ablation would invent trials outside the grid. Here a
+whenever the queue is empty, which for an enqueued grid would invent trials outside it. Here a
 worker only claims WAITING trials (the same atomic WAITING -> RUNNING update `study.ask` uses) and,
-for a sweep, asks for a new one while the study is below its target. The rest is Optuna's own
+for a search, asks for a new one while the study is below its target. The rest is Optuna's own
 machinery: heartbeats (a thread records them while a trial runs), `fail_stale_trials` and
-`RetryHeartbeatStaleTrialCallback` (set on the storage): a worker killed mid-child stops beating, another
-worker fails its trial and claims the retry copy, which resumes from the child's last checkpoint
-in the child's folder and reopens the same MLflow child run. Workers with nothing to claim wait
-while other workers' trials still run, so a study always completes and every launcher ends with
-the same finished study. Two launchers of the same study share it: no child is trained twice.
+`RetryHeartbeatStaleTrialCallback` (set on the storage): a worker killed mid-trial stops beating,
+another worker fails its trial and claims the retry copy, which resumes from the trial's last
+checkpoint in its folder and reopens the same MLflow run. Workers with nothing to claim wait while
+other workers' trials still run, so a study always completes and every launcher ends with the same
+finished study. Two launchers of the same study share it: no trial is run twice.
 
-Where the workers run is a `Launcher`: `processes` (multiprocessing on this machine, the default),
-`submitit-local` (each worker a submitit job on this machine, logs in the submitit folder) or
-`slurm` (each worker a task of one Slurm job array, through submitit). The launching process waits
-for its workers either way and then reports the study.
+Where workers run: launchers.py. How many torch threads a worker uses: `WorkerSlots` (the cores of
+this machine shared by every worker on it, whichever command started them).
 """
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
+import errno
+import fcntl
 import os
-import signal
-import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Protocol
+from typing import Any, Callable, List, Protocol
 
-from ..urls import redact
-
-PARENT_ATTR = "mlflow_parent_run_id"       # Optuna study user attrs shared by every worker
-URI_ATTR = "mlflow_tracking_uri"
 POLL_S = 2.0                               # a waiting worker looks for claimable trials this often
 
 
 class Job(Protocol):
     """What a worker runs: `claim` returns a RUNNING trial it owns (or None), `run` returns its
-    objective value(s), `finished` says there is nothing left to claim or wait for."""
+    objective value(s), `finished` says there is nothing left to claim or wait for. `threads`: the
+    torch threads its trials use (set by `work` before each trial when the engine shares cores)."""
+
+    threads: int | None
 
     def claim(self, study): ...
 
@@ -55,16 +52,65 @@ class Job(Protocol):
     def finished(self, study) -> bool: ...
 
 
-def check_parent_reachable(client, study, parent: str, uri: str, what: str) -> None:
-    """A worker joining a study must see the parent MLflow run its creator made: the same store."""
-    from ..errors import UserError
+def nothing_left(study) -> bool:
+    """Nothing to claim and nothing running (a dead worker's trial is failed and retried first):
+    the `finished` rule of every job whose trials are all queued or asked for."""
+    from optuna.trial import TrialState  # optuna: ~0.4 s, loaded by the workers only
 
-    try:
-        client.get_run(parent)
-    except Exception:
-        where = study.user_attrs.get(URI_ATTR, "the creator's URI")
-        raise UserError(f"the {what}'s parent MLflow run {parent} is not in {redact(uri)}; workers must share one "
-                        f"tracking store: pass --tracking-uri {where}") from None
+    return not study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class WorkerSlots:
+    """This machine's cores, shared by every study worker running on it, whichever command started
+    it: a worker holds one slot (an exclusive `flock` on a file in a per-user folder, dropped by the
+    OS however the worker ends) and, before each trial, uses cores // (slots held) torch threads,
+    at most `max_threads`. Two `ablate --workers 1` commands on 2 cores thus train on one thread
+    each instead of two each (oversubscribed cores ran a tiny model ~100x slower)."""
+
+    def __init__(self, max_threads: int, folder: Path | None = None):
+        self.max_threads = max(1, max_threads)
+        self.folder = folder or Path(tempfile.gettempdir()) / f"fcdm-lab-workers-{os.getuid()}"
+        self.fd: int | None = None
+
+    def __enter__(self) -> "WorkerSlots":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for i in range(4096):
+            fd = os.open(self.folder / f"slot-{i}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    continue
+                raise
+            self.fd = fd
+            break
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def held(self) -> int:
+        """Slots held right now, this worker's included."""
+        count = 0
+        for path in self.folder.glob("slot-*.lock"):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails only against a holder's exclusive lock
+            except OSError:
+                count += 1
+            finally:
+                os.close(fd)
+        return max(count, 1)
+
+    def threads(self) -> int:
+        return max(1, min(self.max_threads, cores() // self.held()))
 
 
 def claim_waiting(study, accept: Callable[[Any], bool] | None = None):
@@ -163,10 +209,15 @@ class WorkReport:
     failed: List[str] = field(default_factory=list)      # "trial N: error" of trials that failed here
 
 
-def work(study, job: Job, *, console=None, poll_s: float = POLL_S) -> WorkReport:
+def work(study, job: Job, *, console=None, poll_s: float = POLL_S, slots: WorkerSlots | None = None,
+         launch: str | None = None) -> WorkReport:
     """Claim and run trials until `job.finished`; an exception fails that trial and the worker goes
-    on; an interrupt (Ctrl+C, a signal turned into an exception) fails the trial and stops."""
-    import optuna
+    on; an interrupt (Ctrl+C, a signal turned into an exception) fails the trial and stops.
+    slots: share this machine's cores with every other worker on it (the job's threads are set
+    before each trial). launch: an id of the command that started this worker, recorded on each
+    trial it runs (so a command counts what it trained itself)."""
+    import optuna  # ~0.4 s: loaded by the processes that run trials only
+    import torch
     from optuna.trial import TrialState
 
     report = WorkReport()
@@ -180,6 +231,11 @@ def work(study, job: Job, *, console=None, poll_s: float = POLL_S) -> WorkReport
             continue
         report.ran.append(trial.number)
         _with_retries(lambda: trial.set_user_attr("worker_pid", os.getpid()))
+        if launch is not None:
+            _with_retries(lambda: trial.set_user_attr("launch", launch))
+        if slots is not None:
+            job.threads = slots.threads()
+            torch.set_num_threads(job.threads)
         try:
             with heartbeat(study, trial):
                 values = job.run(trial)
@@ -200,374 +256,5 @@ def work(study, job: Job, *, console=None, poll_s: float = POLL_S) -> WorkReport
             after(study, trial.number)
 
 
-# ---------------------------------------------------------------------------------------------
-# Worker processes
-# ---------------------------------------------------------------------------------------------
-
-def default_workers() -> int:
-    """One worker per GPU on GPU machines, else one single-thread worker per CPU core."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.device_count()
-    except ImportError:
-        pass
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def threads_per_worker(workers: int) -> int:
-    """Torch threads of each of `workers` processes sharing this machine's cores (>= 1):
-    oversubscribed cores run a tiny model ~100x slower."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, workers))
-
-
-@dataclass
-class WorkerArgs:
-    """Everything a spawned worker needs to rebuild its job (picklable)."""
-
-    kind: str                      # "ablation" | "sweep"
-    kwargs: Dict[str, Any]         # the job builder's arguments
-    index: int = 0                 # worker number (GPU index on GPU machines, for `processes`)
-    threads: int = 1
-    submitted: bool = False        # a submitit job: the scheduler picks its GPUs and reads its logs
-
-
-@contextlib.contextmanager
-def _time_limit_warning_stops():
-    """Inside a submitit job: the scheduler's warning before the time limit stops the worker as
-    SIGUSR1 does (the trial in progress writes a checkpoint and fails; the same command resumes it).
-    submitit asks Slurm for that warning as SIGUSR2 and would answer it by requeueing the job, which
-    would restart a worker with nothing queued for it."""
-    import submitit
-
-    warning = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
-    if threading.current_thread() is not threading.main_thread() or warning == signal.SIGUSR1:
-        yield
-        return
-    previous = signal.signal(warning, lambda signum, frame: signal.raise_signal(signal.SIGUSR1))
-    try:
-        yield
-    finally:
-        signal.signal(warning, previous)
-
-
-def _run_worker(args: WorkerArgs) -> int:
-    """One worker: run the job until the study has nothing left for it; returns the exit code (0
-    done, 2 a UserError, 130 / 143 stopped by a signal). The function a submitit job runs: a return
-    value, not sys.exit, so submitit records the result, and errors go to stderr (the job's log)."""
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
-    if args.submitted and threading.current_thread() is threading.main_thread():
-        # a submitit-local job inherits SIGINT ignored from its controller (_jobs_leave_ctrl_c_to_us):
-        # the worker itself stops on Ctrl-C, wherever it is (setup, training, evaluation)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    # under a scheduler CUDA_VISIBLE_DEVICES holds this job's GPUs only: device 0 is its own
-    if not args.submitted and torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        torch.cuda.set_device(args.index % torch.cuda.device_count())
-    from rich.console import Console
-
-    from ..errors import UserError
-    from ..signals import raise_on_signals
-
-    console, errors = Console(stderr=False), Console(stderr=True, soft_wrap=True)
-    try:
-        # a scheduler's SIGTERM / SIGUSR1 becomes an interrupt (trial FAIL, run KILLED), as Ctrl-C does
-        with raise_on_signals(), (_time_limit_warning_stops() if args.submitted else contextlib.nullcontext()):
-            if args.kind == "ablation":
-                from .ablate import run_ablation_worker
-
-                run_ablation_worker(console=console, worker=args.index, **args.kwargs)
-            else:
-                from .sweep import run_sweep_worker
-
-                run_sweep_worker(console=console, worker=args.index, **args.kwargs)
-    except UserError as e:
-        errors.print(f"[red]worker {args.index}:[/] {e}", highlight=False)
-        return 2
-    except KeyboardInterrupt as e:
-        if args.submitted:  # a local worker's stop is reported once, by its launcher
-            errors.print(f"worker {args.index}: interrupted: {e or 'stopped by SIGINT'}", highlight=False)
-        return getattr(e, "exit_code", 130)
-    return 0
-
-
-def _worker_main(args: WorkerArgs) -> None:
-    """Entry point of a spawned worker process."""
-    sys.exit(_run_worker(args))
-
-
-# ---------------------------------------------------------------------------------------------
-# Launchers
-# ---------------------------------------------------------------------------------------------
-
-LAUNCHERS = ("processes", "submitit-local", "slurm")
-LOCAL_JOB_MINUTES = 7 * 24 * 60  # submitit-local kills a job after its timeout (2 min unless set)
-CANCEL_WAIT_S = 60               # after Ctrl-C, how long cancelled jobs get to fail their trials
-
-
-@dataclass
-class Launcher:
-    """Where a study's workers run. processes: spawned processes on this machine. submitit-local:
-    each worker a submitit job on this machine (submitit's LocalExecutor: the Slurm path without a
-    cluster, for tests and for debugging a setup). slurm: the workers are the tasks of one Slurm job
-    array (submitit's SlurmExecutor), each with `gpus_per_worker` GPUs, `cpus_per_worker` cores and a
-    `time_limit_min` wall-clock limit, on `partition`. job_logs: submitit's folder (job scripts,
-    pickles, each job's stdout/stderr); default runs/submitit/<study>."""
-
-    kind: str = "processes"
-    partition: Optional[str] = None
-    gpus_per_worker: Optional[int] = None
-    time_limit_min: Optional[int] = None
-    cpus_per_worker: Optional[int] = None
-    job_logs: Optional[Path] = None
-
-    @classmethod
-    def from_options(cls, kind: Optional[str] = None, *, partition: Optional[str] = None,
-                     gpus_per_worker: Optional[int] = None, time_limit_min: Optional[int] = None,
-                     cpus_per_worker: Optional[int] = None, job_logs=None) -> "Launcher":
-        """The CLI's options, checked: a UserError (one line) before anything is written."""
-        import importlib.util
-        import shutil
-
-        from ..errors import UserError, choices
-
-        kind = kind or "processes"
-        if kind not in LAUNCHERS:
-            raise UserError(f"unknown launcher {kind!r}; valid: {choices(LAUNCHERS)}")
-        if kind != "slurm":
-            given = [o for o, v in (("--partition", partition), ("--gpus-per-worker", gpus_per_worker),
-                                    ("--time-limit", time_limit_min)) if v is not None]
-            if given:
-                raise UserError(f"{given[0]} is a Slurm job setting: it needs --launcher slurm (got --launcher {kind})")
-        if kind == "processes":
-            given = [o for o, v in (("--cpus-per-worker", cpus_per_worker), ("--job-logs", job_logs)) if v is not None]
-            if given:
-                raise UserError(f"{given[0]} is a setting of submitted jobs: it needs --launcher slurm or "
-                                f"submitit-local (local worker processes share this machine's cores)")
-        for name, value, low in (("--gpus-per-worker", gpus_per_worker, 0), ("--time-limit", time_limit_min, 1),
-                                 ("--cpus-per-worker", cpus_per_worker, 1)):
-            if value is not None and value < low:
-                raise UserError(f"{name} must be >= {low}, got {value}")
-        if kind != "processes" and importlib.util.find_spec("submitit") is None:
-            raise UserError(f"--launcher {kind} needs submitit: pip install 'fcdm-lab[slurm]' (or -e '.[slurm]')")
-        if kind == "slurm":
-            missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
-            if missing:
-                raise UserError(f"--launcher slurm needs Slurm's {' and '.join(missing)} on PATH, which this machine "
-                                f"lacks; run the command on a Slurm login node, or use --launcher submitit-local "
-                                f"to try the same path on this machine")
-            if time_limit_min is None:  # submitit would ask Slurm for 5 minutes
-                raise UserError("--launcher slurm needs --time-limit MINUTES (each worker job's wall-clock limit)")
-        return cls(kind, partition, gpus_per_worker, time_limit_min, cpus_per_worker,
-                   Path(job_logs) if job_logs is not None else None)
-
-    @property
-    def submits(self) -> bool:
-        """Whether the workers are submitit jobs (also with one worker: never in this process)."""
-        return self.kind != "processes"
-
-    def default_workers(self) -> int:
-        """Workers when --workers is not given: one Slurm job, else one per core or GPU here."""
-        return 1 if self.kind == "slurm" else default_workers()
-
-    def shared_stores(self, storage: str, uri: str) -> tuple:
-        """(storage, tracking URI) every worker can reach. Slurm workers run on other nodes: a
-        relative SQLite file is an error (a shared absolute path or a server is needed); for
-        submitit-local relative paths are made absolute."""
-        from ..errors import UserError
-
-        if not self.submits:
-            return storage, uri
-        out = []
-        for what, url in (("--storage", storage), ("--tracking-uri", uri)):
-            head, sep, path = url.partition(":///")
-            if head.split("+")[0] == "sqlite" and sep and path and not path.startswith(("/", ":memory:")):
-                if self.kind == "slurm":
-                    raise UserError(f"{what} {url} is a SQLite file relative to this folder; Slurm workers run on "
-                                    f"other nodes: use an absolute path on a shared filesystem "
-                                    f"(sqlite:////shared/dir/{Path(path).name}) or a server (postgresql://...)")
-                url = f"{head}:///{Path(path).resolve()}"
-            out.append(url)
-        return tuple(out)
-
-    def threads(self, workers: int) -> int:
-        """Torch threads of each worker: its Slurm cores, else its share of this machine's cores."""
-        if self.cpus_per_worker is not None:
-            return self.cpus_per_worker
-        return 1 if self.kind == "slurm" else threads_per_worker(workers)
-
-    def executor(self, folder: Path, *, workers: int, name: str):
-        """The submitit executor for `workers` jobs named `name`, logging into `folder`."""
-        import submitit
-
-        executor = submitit.AutoExecutor(folder=folder, cluster="slurm" if self.kind == "slurm" else "local")
-        params: Dict[str, Any] = dict(name=name, nodes=1, tasks_per_node=1)
-        if self.kind == "slurm":
-            params.update(timeout_min=self.time_limit_min, slurm_array_parallelism=workers)
-            if self.partition:
-                params["slurm_partition"] = self.partition
-            if self.gpus_per_worker:
-                params["gpus_per_node"] = self.gpus_per_worker
-            params["cpus_per_task"] = self.threads(workers)
-        else:
-            params["timeout_min"] = LOCAL_JOB_MINUTES
-        executor.update_parameters(**params)
-        return executor
-
-    def describe(self) -> str:
-        if self.kind == "slurm":
-            bits = [f"partition {self.partition}" if self.partition else "default partition",
-                    f"{self.gpus_per_worker or 0} GPU(s)", f"{self.cpus_per_worker or 1} CPU(s)",
-                    f"{self.time_limit_min} min"]
-            return f"Slurm ({', '.join(bits)} per worker)"
-        return "submitit-local (jobs on this machine, CPU only)"
-
-
-def _job_exit_code(job) -> int:
-    """A finished job's exit code as a local worker's: what `_run_worker` returned, or 1 when the
-    job raised or was killed before it could return (its log says which)."""
-    try:
-        return int(job.result())
-    except Exception:
-        return 1
-
-
-@contextlib.contextmanager
-def _quiet_submission():
-    """Nothing started or printed inside reaches this terminal: submitit-local's job controllers
-    inherit our stdout/stderr and print a KeyboardInterrupt traceback when a job is cancelled (the
-    jobs log to their own files), and submitit prints sbatch's complaint before raising it (the
-    caller turns that into one line)."""
-    import io
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (devnull, *saved):
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def _jobs_leave_ctrl_c_to_us(launcher: Launcher):
-    """submitit-local's job controllers are our children, in the terminal's process group: Ctrl-C
-    reaches them too, and a controller answers SIGINT by killing its worker 1 s later, often before
-    the worker has saved anything (its trial then stays RUNNING until a heartbeat check). Started
-    with SIGINT ignored (children inherit that, and Python keeps it), a controller waits for its
-    worker instead: the worker (which handles SIGINT again, `_run_worker`) stops itself cleanly, as
-    it does on the SIGTERM this launcher sends when Ctrl-C reaches it (`_cancel`)."""
-    if launcher.kind != "submitit-local" or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _cancel(job, launcher: Launcher) -> None:
-    """Stop a job as `scancel` does: SIGTERM, which the worker turns into a clean stop (checkpoint,
-    trial FAIL, run KILLED). A submitit-local job is its controller process (the job id is its pid),
-    which passes SIGTERM on to its task and waits for it; submitit's LocalJob.cancel sends SIGINT
-    instead, on which the controller kills the task 1 s later, often before it has saved anything."""
-    if launcher.kind == "submitit-local":
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(job.job_id), signal.SIGTERM)
-    else:
-        job.cancel(check=False)
-
-
-def _submit_workers(launcher: Launcher, kind: str, kwargs: Dict[str, Any], workers: int, console) -> List[int]:
-    """The workers as submitit jobs (one Slurm job array, or local jobs); wait for them and return
-    their exit codes. Ctrl+C (or SIGTERM) here cancels the jobs, gives them CANCEL_WAIT_S to fail
-    their trials and end their runs, and re-raises."""
-    name = str(kwargs.get("study_name") or kind)
-    folder = (launcher.job_logs or Path("runs") / "submitit" / name).resolve()
-    threads = launcher.threads(workers)
-    executor = launcher.executor(folder, workers=workers, name=f"fcdm-{name}")
-    try:
-        with _quiet_submission(), _jobs_leave_ctrl_c_to_us(launcher):
-            jobs = executor.map_array(_run_worker, [WorkerArgs(kind, kwargs, i, threads, submitted=True)
-                                                    for i in range(workers)])
-    except Exception as e:  # sbatch refused the jobs (a partition, limit or account): its last line
-        from ..errors import UserError
-
-        reason = next((line.strip() for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
-        raise UserError(f"submitting {workers} worker job(s) to {launcher.describe()} failed: {reason}") from None
-    console.print(f"{len(jobs)} worker job(s) submitted to {launcher.describe()}: {' '.join(j.job_id for j in jobs)}; "
-                  f"logs in {folder}", highlight=False, soft_wrap=True)
-    codes: Dict[str, int] = {}
-    try:
-        while len(codes) < len(jobs):
-            for job in jobs:
-                if job.job_id not in codes and job.done():
-                    codes[job.job_id] = code = _job_exit_code(job)
-                    where = "" if code == 0 else f"; its log: {job.paths.stderr}"
-                    console.print(f"worker job {job.job_id} ended (exit {code}){where}", highlight=False,
-                                  soft_wrap=True)
-            if len(codes) < len(jobs):
-                time.sleep(POLL_S)
-    except BaseException:
-        running = [j for j in jobs if j.job_id not in codes]
-        for job in running:
-            _cancel(job, launcher)
-        deadline = time.time() + CANCEL_WAIT_S
-        while time.time() < deadline and not all(j.done() for j in running):
-            time.sleep(1)
-        raise
-    return [codes[j.job_id] for j in jobs]
-
-
-def run_workers(kind: str, kwargs: Dict[str, Any], workers: int, launcher: Optional[Launcher] = None,
-                console=None) -> List[int]:
-    """Start `workers` workers running the job where `launcher` says (default: processes), wait for
-    them and return their exit codes (0 done, 2 a UserError, 130 / 143 stopped by a signal).
-
-    Processes: multiprocessing spawn (a fresh interpreter each, no forked torch or database state);
-    Ctrl+C reaches them through the process group; on any other exit here they are terminated."""
-    if launcher is not None and launcher.submits:
-        from rich.console import Console
-
-        return _submit_workers(launcher, kind, kwargs, workers, console or Console())
-    ctx = multiprocessing.get_context("spawn")
-    threads = threads_per_worker(workers)
-    procs = [ctx.Process(target=_worker_main, args=(WorkerArgs(kind, kwargs, i, threads),), name=f"fcdm-worker-{i}")
-             for i in range(workers)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join()
-    except BaseException:  # a stop signal: let the workers fail their trials and end their runs
-        deadline = time.time() + 10  # Ctrl-C reached them too (one process group): give them time first
-        for p in procs:
-            p.join(max(0.0, deadline - time.time()))
-        for p in procs:  # a signal sent to this process only (kill PID): pass it on
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGTERM)
-        for p in procs:
-            p.join(60)
-        raise
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(30)
-    return [p.exitcode for p in procs]
-
-
-__all__ = ["Job", "LAUNCHERS", "Launcher", "PARENT_ATTR", "URI_ATTR", "WorkReport", "check_parent_reachable", "claim_waiting", "default_workers", "fail_stale",
-           "heartbeat", "run_workers", "threads_per_worker", "work"]
+__all__ = ["Job", "POLL_S", "WorkReport", "WorkerSlots", "claim_waiting", "cores", "fail_stale", "heartbeat",
+           "nothing_left", "work"]

@@ -38,8 +38,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from rich.console import Console
+
+from ..display import fmt_params, paper_table, print_wide, report_table, table_text
 from ..errors import UserError
 from ..eval.metrics import lower_is_better, metric_key
+from ..tracking.client import attach_run, get_client, get_run, logged_images
+from .paper import report_against_paper
+from .report_html import write_html
 from .sequential import SequentialVerdict, sequential_verdicts
 from .verdicts import (ALPHA, BETTER, INCONCLUSIVE, NO_ERROR_BAR, NO_PAIRS, POWER, WORSE, Stat, Verdict,
                        family_verdicts, summarize)
@@ -159,8 +165,6 @@ def _at_precision(x: float, half: Optional[float]) -> str:
 
 
 def _fmt_params(p: Optional[int]) -> str:
-    from ..display import fmt_params
-
     return "-" if p is None else fmt_params(p)
 
 
@@ -262,7 +266,6 @@ def _short_names(metrics: List[str]) -> Tuple[Dict[str, str], str]:
 class TableColumn:
     """One column of the terminal table: header, cells (one per row) and, for verdict cells, the
     verdict word of each (display.report_table colours them)."""
-
     header: str
     cells: List[str]
     justify: str = "right"
@@ -277,6 +280,8 @@ COMPACT_LEVELS = ({}, {"time"}, {"time", "params"}, {"time", "params", "mean_ci"
 
 @dataclass
 class Report:
+    compact_levels = COMPACT_LEVELS   # (a class attribute: display.report_table tries each)
+
     run_id: str
     study: str
     description: str
@@ -523,14 +528,12 @@ class Report:
         return "\n".join(lines)
 
     def table(self, width: int = TABLE_WIDTH):
-        from ..display import report_table
 
         return report_table(self, width)
 
     def print(self, console) -> None:
         """The terminal table (and the paper table): in a terminal as wide as it is, into a file or
         pipe at TABLE_WIDTH columns at most."""
-        from ..display import paper_table, print_wide
 
         width = console.width if console.is_terminal else TABLE_WIDTH
         print_wide(console, self.table(width), max_width=TABLE_WIDTH)
@@ -539,7 +542,6 @@ class Report:
 
     def text(self, width: int = TABLE_WIDTH) -> str:
         """The terminal table as plain text (what the terminal shows)."""
-        from ..display import table_text
 
         return table_text(self.table(width), width)
 
@@ -712,7 +714,6 @@ class Report:
         return _finite_or_none(out)
 
     def write(self, folder) -> Dict[str, Path]:
-        from .report_html import write_html
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -807,7 +808,6 @@ def sample_grid(client, runs) -> Optional[SampleGrid]:
     """The evaluation grid (EVAL_IMAGES, its latest step) of the first (seed, run) that logged one."""
     from PIL import Image
 
-    from ..tracking.client import logged_images
 
     for seed, run in runs:
         images = logged_images(client, run.info.run_id, EVAL_IMAGES) or _legacy_eval_grids(client, run.info.run_id)
@@ -882,8 +882,6 @@ def build_report(run_id: str, uri: str | None = None, against_paper: Optional[bo
     Seeds: every seed a finished child has, plus the first round's (study.json's seeds_used). Missing:
     children without a finished run; with --until-decided (tag study.mode) a decided variant's later
     seeds were never trained, so only the first round's seeds and children that exist count."""
-    from ..tracking.client import get_client, get_run
-
     client = get_client(uri, existing=True)
     parent = get_run(run_id, client=client)
     tags = parent.data.tags
@@ -973,7 +971,6 @@ def build_report(run_id: str, uri: str | None = None, against_paper: Optional[bo
         raise UserError(f"study {spec['name']!r} gives the paper's FID for {len(with_fid)} variant(s) "
                         f"({', '.join(with_fid) or 'none'}); --against-paper needs at least 3 (paper = {{ fid = ... }})")
     if against_paper or (against_paper is None and len(with_fid) == len(variants) >= 3):
-        from .paper import report_against_paper
 
         report.paper_comparison = report_against_paper(report)
     return report
@@ -983,9 +980,7 @@ def report_command(run_id: str, uri: str | None = None, out_dir=None, console=No
                    against_paper: Optional[bool] = None) -> tuple[Report, Dict[str, Path]]:
     """The `fcdm-lab report RUN_ID` library function: rebuild the report, print the table, write
     report.md / plot.png / summary.json / report.html (default reports/<study>-<run id>/) and log them again."""
-    from rich.console import Console
 
-    from ..tracking.client import attach_run
 
     report = build_report(run_id, uri, against_paper=against_paper)
     console = console or Console()

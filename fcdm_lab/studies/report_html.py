@@ -103,9 +103,7 @@ def _interval(v):
     """(mean, low, high, n) of a verdict's paired difference: the 95% t-interval of verdicts.Verdict
     (low = high = None for one seed), the anytime-valid interval of report.AnytimeVerdict (None
     while unbounded); None without pairs."""
-    from .report import AnytimeVerdict
-
-    if isinstance(v, AnytimeVerdict):
+    if hasattr(v, "bounded"):  # report.AnytimeVerdict (not imported: report.py imports this module)
         if v.mean is None:
             return None
         return (v.mean, v.low, v.high, v.n) if v.bounded else (v.mean, None, None, v.n)

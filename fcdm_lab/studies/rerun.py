@@ -16,9 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from rich.console import Console
+
 from ..config import ExperimentConfig, config_from_dict
 from ..errors import UserError
-from ..tracking.record import MODEL_PARAM_KEYS
+from ..runner import run_experiment
+from ..tracking.client import get_client, get_run, resolve_tracking_uri, tracked_run
+from ..tracking.record import MODEL_PARAM_KEYS, git_state
+from ..training.preflight import check_run
 
 
 @dataclass
@@ -91,13 +96,6 @@ def _free_folder(base: Path) -> Path:
 
 def rerun(run_id: str, uri: str | None = None, *, out_dir=None, progress: bool = True, console=None) -> RerunResult:
     """Re-execute a logged training run (or study child) from its recorded config and seed."""
-    from rich.console import Console
-
-    from ..runner import run_experiment
-    from ..training.preflight import check_run
-    from ..tracking.client import get_client, get_run, resolve_tracking_uri, tracked_run
-    from ..tracking.record import git_state
-
     console = console or Console()
     uri = resolve_tracking_uri(uri)
     client = get_client(uri, existing=True)

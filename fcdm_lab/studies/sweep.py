@@ -33,27 +33,34 @@ plot), display.py (the rich table); this module holds the trial objective and th
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from rich.console import Console
+
 from ..config import ExperimentConfig, load_experiment
-from ..schema import check_name
 from ..errors import UserError, choices
-from ..eval.metrics import metric_key
-from ..urls import without_password
-from .engine import PARENT_ATTR, URI_ATTR, Launcher, check_parent_reachable, claim_waiting, run_workers, work
-from .storage import check_storage_url, open_storage, pasteable, redact, sqlite_init_lock
+from ..eval.metrics import finite_number, metric_key
 from ..models.info import model_info_for
+from ..runner import run_experiment
+from ..schema import check_name
+from ..tracking.client import get_client, resolve_tracking_uri, tracked_run
+from ..tracking.record import log_run_config, standard_tags
+from ..tracking.ui import browse_hint
 from ..training.preflight import check_config
 from ..training.state import find_latest_checkpoint
-from .spec import normalize_overrides
-# re-exported: sweep files and results keep their import path through this module
-from .sweep_file import (MODEL_METRICS, SPEC_ATTR, TRAIN_METRICS, Budget, Objective, Param, SweepSpec,  # noqa: F401
-                         is_sweep_file, load_sweep, resolve_sweep_path, spec_fingerprint, sweep_names)
-from .sweep_results import SweepResult, _fmt, plot_pareto, print_trials, trial_rows, write_tables  # noqa: F401
+from .engine import WorkerSlots, claim_waiting, nothing_left, work
+from .launchers import Launcher, run_workers
+from ..bundled import STUDIES_DIR
+from ..schema import resolve_named_file
+from .ablate import run_ablation
+from .spec import normalize_overrides, study_kind, study_names
+from .storage import check_storage_url, open_storage, pasteable, redact, sqlite_init_lock
+from .study import PARENT_ATTR, new_parent_run, open_study
+from .sweep_file import (MODEL_METRICS, SPEC_ATTR, TRAIN_METRICS, Budget, SweepSpec, load_sweep, spec_fingerprint,
+                         sweep_names)
+from .sweep_results import SweepResult, _fmt, plot_pareto, print_trials, trial_rows, write_tables
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,10 +108,6 @@ def _trial_dir(out_dir: Path, number: int) -> Path:
         i += 1
         candidate = base.with_name(f"{base.name}-{i}")
     return candidate
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class SweepObjective:
@@ -159,9 +162,6 @@ class SweepObjective:
     def _run(self, trial, params: Dict[str, Any]) -> float | tuple:
         import optuna
 
-        from ..runner import run_experiment
-        from ..tracking.client import tracked_run
-        from ..tracking.record import log_run_config, standard_tags
 
         n, single = trial.number, not self.spec.multi
         tags = {"kind": "sweep-trial", "trial": n, "optuna.study": self.study_name, "study": self.study_name,
@@ -228,7 +228,7 @@ class SweepObjective:
                             measured[m] = float(got[key])
                         measured.update({k2: float(v) for k2, v in got.items() if k2 not in measured})
                     tracker.log_metrics({f"sweep.{m}": measured[m] for m in self.spec.metrics
-                                         if _finite(measured.get(m))}, step=k)
+                                         if finite_number(measured.get(m))}, step=k)
                     if single and k < steps:
                         trial.report(measured[self.spec.metrics[0]], k)
                         if trial.should_prune():
@@ -237,10 +237,10 @@ class SweepObjective:
                             break
                 if pruned_at is None:
                     values = [measured[m] for m in self.spec.metrics]
-                    bad = [m for m, v in zip(self.spec.metrics, values) if not _finite(v)]
+                    bad = [m for m, v in zip(self.spec.metrics, values) if not finite_number(v)]
                     if bad:
                         raise RuntimeError(f"objective {bad[0]} is {measured[bad[0]]} (not a finite number)")
-                    trial.set_user_attr("metrics", {m: v for m, v in measured.items() if _finite(v)})
+                    trial.set_user_attr("metrics", {m: v for m, v in measured.items() if finite_number(v)})
                     tracker.log_metrics(base, step=steps)
                     tracker.set_tags({"optuna.state": "COMPLETE"})
             except Exception as e:
@@ -275,8 +275,6 @@ class _Retried:
 def _retried_from(trial, uri: str) -> Optional[_Retried]:
     """What a retry copy of a dead worker's trial continues (None for a trial that is no retry, or
     whose folder was never chosen: then it starts afresh)."""
-    from ..tracking.client import get_client
-
     frozen = trial.study._storage.get_trial(trial._trial_id)  # optuna.Trial does not expose system attrs
     number, folder = frozen.system_attrs.get("failed_trial"), frozen.user_attrs.get("trial_dir")
     if number is None or not folder:
@@ -328,22 +326,16 @@ def _check_space_against_base(spec: SweepSpec, overrides: Mapping[str, Any]) -> 
 
 def _create_or_join(spec: SweepSpec, storage, study_name: str, *, uri: str, fingerprint: Dict[str, Any],
                     base_cfg: ExperimentConfig, storage_text: str):
-    """Create the study (and its MLflow parent run) or join an existing one.
-
-    Returns (study, parent_run_id, created). Creation is raced safely between workers started at
-    once: each makes a parent run, but only the one whose create_study succeeds keeps it (the
-    storage's unique study name decides); the others delete theirs and read the winner's id."""
-    import optuna
-    from optuna.exceptions import DuplicatedStudyError
-
-    from ..tracking.client import experiment_id, get_client
-    from ..tracking.record import standard_tags
+    """Create the study (and its MLflow parent run) or join an existing one (study.open_study):
+    (study, parent_run_id, created). A stored study made from another sweep definition or with other
+    directions is refused; one without a parent run gets one."""
+    import optuna  # ~0.4 s: loaded when a sweep runs
 
     with sqlite_init_lock(uri):
         client = get_client(uri)
     directions = [o.direction for o in spec.objectives]
 
-    def joined(study) -> tuple:
+    def on_join(study) -> None:
         if study.user_attrs.get(SPEC_ATTR, {}).get("sha") not in (None, fingerprint["sha"]):
             raise UserError(f"study {study_name!r} in {storage_text} was created from another sweep definition "
                             f"(space, objectives, budget or --set differ); use another --study-name or the same file")
@@ -351,52 +343,20 @@ def _create_or_join(spec: SweepSpec, storage, study_name: str, *, uri: str, fing
         if have != directions:
             raise UserError(f"study {study_name!r} in {storage_text} has directions {have}, the sweep file asks "
                             f"{directions}; use another --study-name")
-        parent = _wait_for_parent(study)
-        if parent is None:  # a study made by other means, or whose creator died before writing the id
-            parent = new_parent()
-            study.set_user_attr(PARENT_ATTR, parent)
-            study.set_user_attr(URI_ATTR, without_password(uri))
-        check_parent_reachable(client, study, parent, uri, "sweep")
-        return study, parent, False
 
-    def new_parent() -> str:
-        from mlflow.tracking.context.registry import resolve_tags
+    def on_create(study, parent: str) -> None:
+        study.set_user_attr(SPEC_ATTR, fingerprint)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(spec.metrics)  # labels for optuna-dashboard
 
-        tags = {"kind": "sweep", "study": study_name, "sweep": spec.name, "optuna.study": study_name,
-                "optuna.storage": storage_text, **standard_tags(base_cfg, study=study_name)}
-        run = client.create_run(experiment_id(client), run_name=f"sweep:{study_name}", tags=resolve_tags(tags))
-        return run.info.run_id
-
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        study = None
-    if study is not None:
-        return joined(study)
-    parent = new_parent()
-    try:
-        study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
-                                    sampler=make_sampler(spec, spec.seed), pruner=make_pruner(spec, spec.budget.steps))
-    except DuplicatedStudyError:
-        client.delete_run(parent)
-        return joined(optuna.load_study(study_name=study_name, storage=storage))
-    study.set_user_attr(PARENT_ATTR, parent)
-    study.set_user_attr(URI_ATTR, without_password(uri))
-    study.set_user_attr(SPEC_ATTR, fingerprint)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(spec.metrics)  # labels for optuna-dashboard
-    return study, parent, True
-
-
-def _wait_for_parent(study, timeout_s: float = 30.0) -> Optional[str]:
-    """The parent run id, polling briefly: a concurrent creator writes it right after create_study."""
-    deadline = time.time() + timeout_s
-    while True:
-        parent = study.user_attrs.get(PARENT_ATTR)
-        if parent or time.time() > deadline:
-            return parent
-        time.sleep(0.5)  # user_attrs reads the storage on every access
+    tags = {"kind": "sweep", "study": study_name, "sweep": spec.name, "optuna.study": study_name,
+            "optuna.storage": storage_text, **standard_tags(base_cfg, study=study_name)}
+    return open_study(storage, study_name, client=client, uri=uri, storage_text=storage_text, what="sweep",
+                      make_parent=lambda: new_parent_run(client, f"sweep:{study_name}", tags),
+                      create={"directions": directions, "sampler": make_sampler(spec, spec.seed),
+                              "pruner": make_pruner(spec, spec.budget.steps)},
+                      on_create=on_create, on_join=on_join, adopt=True)
 
 
 class SweepJob:
@@ -421,9 +381,7 @@ class SweepJob:
         return self.objective(trial)
 
     def finished(self, study) -> bool:
-        from optuna.trial import TrialState
-
-        return not study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+        return nothing_left(study)
 
     def after(self, study, number: int) -> None:
         frozen = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
@@ -435,24 +393,38 @@ class SweepJob:
                                      + (f": {values}" if values else ""), highlight=False)
 
 
-def run_sweep_worker(name_or_path: str, *, trials: int, storage: str, study_name: str, uri: str,
-                     overrides: Mapping[str, Any], out_dir: str, progress: bool = False, console=None,
-                     worker: int = 0) -> None:
-    """One spawned worker of a sweep that exists already (see `run_sweep`, engine.run_workers)."""
-    import optuna
+@dataclasses.dataclass
+class SweepWorker:
+    """A worker of a sweep that exists already (engine WorkerJob: picklable, rebuilt in the worker)."""
 
-    spec = load_sweep(name_or_path)
-    overrides = dict(overrides)
-    if "train.steps" in overrides:
-        spec.budget = Budget(steps=overrides["train.steps"])
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=study_name, storage=open_storage(storage), sampler=make_sampler(spec, None),
-                              pruner=make_pruner(spec, spec.budget.steps))
-    parent_id = study.user_attrs[PARENT_ATTR]
-    objective = SweepObjective(spec, target=trials, overrides=overrides, study_name=study_name,
-                               parent_run_id=parent_id, uri=uri, out_dir=Path(out_dir), progress=progress,
-                               console=console)
-    work(study, SweepJob(objective, budget=max(0, trials - len(counted_trials(study)))), console=console)
+    name_or_path: str
+    trials: int
+    storage: str
+    study_name: str
+    uri: str
+    overrides: Dict[str, Any]
+    out_dir: str
+    progress: bool = False
+
+    def run(self, *, console, worker: int, threads: int, shared: bool) -> None:
+        import optuna  # ~0.4 s: loaded by the processes that run trials only
+
+        spec = load_sweep(self.name_or_path)
+        overrides = dict(self.overrides)
+        if "train.steps" in overrides:
+            spec.budget = Budget(steps=overrides["train.steps"])
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage),
+                                  sampler=make_sampler(spec, None), pruner=make_pruner(spec, spec.budget.steps))
+        objective = SweepObjective(spec, target=self.trials, overrides=overrides, study_name=self.study_name,
+                                   parent_run_id=study.user_attrs[PARENT_ATTR], uri=self.uri,
+                                   out_dir=Path(self.out_dir), progress=self.progress, console=console)
+        job = SweepJob(objective, budget=max(0, self.trials - len(counted_trials(study))))
+        if shared and overrides.get("train.threads") is None:
+            with WorkerSlots(threads) as slots:
+                work(study, job, console=console, slots=slots)
+        else:
+            work(study, job, console=console)
 
 
 def run_sweep(name_or_path: str | Path, *, trials: Optional[int] = None, storage: Optional[str] = None,
@@ -469,14 +441,10 @@ def run_sweep(name_or_path: str | Path, *, trials: Optional[int] = None, storage
     runs/<study>); threads: torch threads in this process (default train.threads); 1 when several
     workers share a machine; workers: processes on this machine running trials (engine.py; each
     gets cores / workers threads unless train.threads is set); launcher: where the workers run
-    (engine.Launcher: local processes by default, submitit-local or Slurm jobs).
+    (launchers.Launcher: local processes by default, submitit-local or Slurm jobs).
     """
     import optuna
     import torch
-    from rich.console import Console
-
-    from ..tracking.client import resolve_tracking_uri, tracked_run
-    from ..tracking.ui import browse_hint
 
     console = console or Console()
     launcher = launcher or Launcher()
@@ -529,8 +497,7 @@ def run_sweep(name_or_path: str | Path, *, trials: Optional[int] = None, storage
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
     n = max(1, min(workers, remaining))
-    worker_kwargs = dict(name_or_path=str(name_or_path), trials=target, storage=storage_url, study_name=study_name,
-                         uri=uri, overrides=overrides, out_dir=str(out_dir), progress=False)
+    worker_job = SweepWorker(str(name_or_path), target, storage_url, study_name, uri, overrides, str(out_dir))
 
     try:
         with tracked_run(run_id=parent_id, uri=uri, tags={"optuna.trials_target": target}) as parent:
@@ -540,7 +507,7 @@ def run_sweep(name_or_path: str | Path, *, trials: Optional[int] = None, storage
             if remaining and n == 1 and not launcher.submits:
                 work(study, SweepJob(objective, budget=remaining), console=console)
             elif remaining:
-                run_workers("sweep", worker_kwargs, n, launcher, console)
+                run_workers(worker_job, n, launcher, console)
             rows, best, title, outputs = _summarize(study, spec, parent, out_dir, study_name, uri)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: study {study_name!r} is saved in {storage_text}; run the same command "
@@ -596,8 +563,6 @@ def _summarize(study, spec: SweepSpec, parent, out_dir: Path, study_name: str, u
 def _tag_children(rows: List[Dict[str, Any]], uri: str) -> None:
     """Mark each trial's MLflow run pareto=true/false (filterable in the UI); the latest summary
     of any worker wins, as the front moves while the study grows."""
-    from ..tracking.client import get_client
-
     client = get_client(uri, probe=False)
     for r in rows:
         if r.get("run_id") and r["state"] == "COMPLETE":
@@ -605,3 +570,36 @@ def _tag_children(rows: List[Dict[str, Any]], uri: str) -> None:
                 client.set_tag(r["run_id"], "pareto", str(bool(r["pareto"])).lower())
             except Exception as e:  # a missing child run must not hide the sweep's results
                 warnings.warn(f"could not tag MLflow run {r['run_id']}: {e}", stacklevel=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# `fcdm-lab sweep NAME`: an Optuna search, or a scaling study (a grid of sizes and budgets x seeds)
+# ---------------------------------------------------------------------------------------------
+
+def sweep_command(name_or_path: str | Path, *, seeds: Optional[int] = None, trials: Optional[int] = None,
+                  steps: Optional[int] = None, study_name: Optional[str] = None, storage: Optional[str] = None,
+                  uri: Optional[str] = None, overrides: Mapping[str, Any] | None = None, out_dir=None,
+                  workers: Optional[int] = None, launcher: Optional[Launcher] = None, console=None):
+    """Run the named file: a scaling study (kind = "scaling": every point of its grid at every budget,
+    each with `seeds` paired seeds, on the study engine with a fitted scaling law in its report) or an
+    Optuna search (kind = "sweep"). Options that do not apply to the file's kind are refused."""
+    launcher = launcher or Launcher()
+    path = resolve_named_file(name_or_path, STUDIES_DIR, "sweep", sorted({*sweep_names(), *study_names("scaling")}),
+                              accept=lambda p: study_kind(p) in ("sweep", "scaling"))
+    if study_kind(path) == "scaling":
+        for option, value in (("--trials", trials), ("--study-name", study_name)):
+            if value is not None:
+                raise UserError(f"{option} is for Optuna searches (kind = \"sweep\"); {path.stem!r} is a scaling "
+                                f"study: its points are its grid, each trained with --seeds paired seeds")
+        return run_ablation(str(name_or_path), seeds=seeds, steps=steps, overrides=overrides, uri=uri,
+                            out_dir=out_dir, console=console, workers=workers, storage=storage, launcher=launcher)
+    if seeds is not None:
+        raise UserError(f"--seeds applies to scaling studies (kind = \"scaling\": a grid of points x paired seeds); "
+                        f"{path.stem!r} is an Optuna search, whose sampler proposes one run per point")
+    overrides = dict(overrides or {})
+    if steps is not None:
+        overrides["train.steps"] = steps
+    return run_sweep(name_or_path, trials=trials, storage=storage, study_name=study_name, uri=uri,
+                     overrides=overrides, out_dir=out_dir, workers=workers or launcher.default_workers(),
+                     launcher=launcher, console=console)
+

@@ -1,6 +1,6 @@
 """Sweep files: `kind = "sweep"` TOML in studies/ parsed strictly into a SweepSpec.
 
-    spec = load_sweep("scaling-lc")        # base experiment, search space, objectives, budget
+    spec = load_sweep("search-lc")         # base experiment, search space, objectives, budget
 
 The format is described in sweep.py's docstring; this module only reads and checks files (moved
 verbatim out of sweep.py: parsing is one of its jobs).
@@ -33,6 +33,7 @@ SPEC_ATTR = "sweep_spec"
 SWEEP_KEYS: Dict[str, tuple] = {
     "kind": (str, True, 'must be "sweep"'),
     "description": (str, False, "one line saying what the sweep asks"),
+    "wall_time": (str, False, "its measured wall time and machine, listed by `fcdm-lab ablate`"),
     "base": (str, True, "an experiment name in experiments/ or a path (relative to the sweep file)"),
     "trials": (int, False, "the study's target number of trials (default 8)"),
     "objectives": (list, True, "[{metric, direction}] (one, or two for a Pareto front)"),
@@ -122,6 +123,7 @@ class SweepSpec:
     space: List[Param]
     budget: Budget
     description: str = ""
+    wall_time: str = ""
     trials: int = 8
     sampler: str = "tpe"
     pruner: str = "none"
@@ -265,7 +267,7 @@ def load_sweep(name_or_path: str | Path) -> SweepSpec:
         raise UserError(f"{where}: set.{clash[0]} is decided by the sweep (the space table or the budget); remove it")
     spec = SweepSpec(
         name=path.stem, path=str(path), base=top["base"], objectives=objectives, space=space, budget=budget,
-        description=top.get("description", ""), trials=top.get("trials", 8),
+        description=top.get("description", ""), wall_time=top.get("wall_time", ""), trials=top.get("trials", 8),
         sampler=_one_of(where, "sampler", top.get("sampler", "tpe"), SAMPLERS),
         pruner=_one_of(where, "pruner", top.get("pruner", "none"), PRUNERS),
         eval_every=top.get("eval_every", 0), set=overrides, seed=top.get("seed"), population=top.get("population"),

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..display import sweep_table
 from .sweep_file import MODEL_METRICS, SweepSpec
 
 # ---------------------------------------------------------------------------------------------
@@ -136,8 +137,6 @@ def plot_pareto(rows: List[Dict[str, Any]], spec: SweepSpec, path: Path, title: 
 
 
 def print_trials(console, rows: List[Dict[str, Any]], spec: SweepSpec, title: str) -> None:
-    from ..display import sweep_table
-
     console.print(sweep_table(rows, title, _fmt))
     for r in rows:
         if r["state"] == "FAIL" and r.get("error"):

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import UserError
 from ..fileio import check_output_dir
+from ..models.build import build_model
 from ..models.info import data_info_for, model_info_for
 from . import state as ckpt_io
 
@@ -90,8 +91,6 @@ def check_model_memory(model_cfg, data_info: Mapping, device: torch.device | str
     """Build the model on the meta device (no memory) and refuse it when its training state alone
     (TRAIN_BYTES_PER_PARAM per parameter, activations not counted) exceeds the memory free on
     `device`. Returns the parameter count."""
-    from ..models.build import build_model
-
     device = torch.device(device)
     with torch.device("meta"):
         model, info = build_model(model_cfg, input_size=data_info["image_size"], in_channels=data_info["channels"],
