@@ -74,6 +74,7 @@ class TrainConfig:
     keep_last: int = 3
     sample_every: int = 0                   # 0 = only at the end
     compile: bool = False                   # torch.compile each repeated block (regional compilation)
+    compile_mode: str = "default"           # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     tf32: bool = True                       # TF32 matmuls/convs on CUDA (the reference's setting); no effect on CPU
     threads: Optional[int] = None           # torch intra-op threads per process (None = torch default / launcher)
     fused_adamw: bool = True
@@ -150,6 +151,7 @@ def config_from_dict(data: Dict[str, Any]) -> ExperimentConfig:
     return cfg
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 MAX_SEED = 2**32 - 1        # numpy's and most tools' seed range; study seeds add the seed index
 MAX_THREADS = 1024          # torch threads per process (100000 crashed the process)
 
@@ -165,6 +167,7 @@ def validate(cfg: ExperimentConfig) -> None:
     one_of("diffusion.objective", cfg.diffusion.objective, OBJECTIVES)
     one_of("model.label_dropout", cfg.model.label_dropout, ("per_level", "shared"))  # models.fcdm.LABEL_DROPOUT (not imported: slow)
     one_of("train.mixed_precision", cfg.train.mixed_precision, ("no", "fp16", "bf16"))
+    one_of("train.compile_mode", cfg.train.compile_mode, COMPILE_MODES)
     if cfg.model.match_flops is not None:
         from .models.matching import KNOBS
         one_of("model.match_flops", cfg.model.match_flops, KNOBS)

@@ -76,6 +76,7 @@ def trained(tmp_path_factory):
     ("--set=model.C=100000", "C (width) must be at most 16384"),
     ("--set=model.block={family=\"convnext\",kernel=10001}", "kernel must be an odd integer from 1 to 63"),
     ("--set=train.lr=nan", "train.lr must be a finite number, got nan"),
+    ("--set=train.compile_mode=fast", "train.compile_mode = 'fast' is not valid; choose one of: default, reduce-overhead"),
 ])
 def test_train_refuses_out_of_range_settings_before_a_run_opens(capsys, setting, needle):
     refused(capsys, "train", "tiny-digits", "--out", "run", setting, needle=needle)
