@@ -4,8 +4,9 @@
 
 Runs the command in a new empty folder (fresh MLflow store and Optuna storage) with an empty
 fcdm-lab cache (so the digits judge is trained as on a first run), prints its output, then one
-JSON line: wall time, the machine's load average before and after, the seeds per variant, the
-noise floor (the baseline's seed-to-seed sd per metric) and each verdict. Extra arguments after
+JSON line: wall time, the machine's load average before and after, the seeds per variant, each
+metric's mean and seed-to-seed sd per variant, and each verdict (the paired difference, its 95%
+half-width, the Holm-adjusted verdict and p, the MDE). Extra arguments after
 `--` go to `fcdm-lab ablate`. The machine is shared: hold the CPU lock while measuring and report
 the load it saw.
 """
@@ -22,7 +23,7 @@ import time
 def main() -> None:
     extra = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
     with tempfile.TemporaryDirectory(prefix="fcdm-main-job-") as tmp:
-        env = {**os.environ, "FCDM_LAB_CACHE": os.path.join(tmp, "cache"), "COLUMNS": "250"}
+        env = {**os.environ, "FCDM_LAB_CACHE": os.path.join(tmp, "cache"), "COLUMNS": "120"}
         env.pop("MLFLOW_TRACKING_URI", None)
         load_before = os.getloadavg()
         start = time.time()
@@ -38,12 +39,13 @@ def main() -> None:
                   "args": extra}
         if summary_path:
             summary = json.load(open(summary_path))
-            base = next(r for r in summary["rows"] if r["is_baseline"])
             result["seeds"] = {r["variant"]: len(r["seeds"]) for r in summary["rows"]}
-            result["noise_floor_sd"] = {m: s["sd"] for m, s in base["metrics"].items()}
-            result["verdicts"] = {f"{r['variant']}.{m}": [v["diff"]["mean"], v["diff"]["half"], v["verdict"],
-                                                         v["seeds_needed"]]
-                                  for r in summary["rows"] for m, v in r["verdicts"].items() if v["diff"]}
+            result["sd"] = {r["variant"]: {m: s["sd"] for m, s in r["metrics"].items()} for r in summary["rows"]}
+            result["mean"] = {r["variant"]: {m: s["mean"] for m, s in r["metrics"].items()} for r in summary["rows"]}
+            result["verdicts"] = {f"{r['variant']}.{m}": {k: v.get(k) for k in ("verdict", "p_value", "p_adjusted",
+                                                                                 "mde")} | {"diff": v["diff"]["mean"],
+                                                                                            "half": v["diff"].get("half")}
+                                  for r in summary["rows"] for m, v in r["verdicts"].items() if v.get("diff")}
         print(json.dumps(result))
 
 
