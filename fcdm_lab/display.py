@@ -10,12 +10,10 @@ from rich.table import Table
 from rich.text import Text
 
 
-def _fmt_params(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
-
-
-def fmt_params(n: int) -> str:
-    """A parameter count in a few characters, for tables of studies: '1.31M', '640.0k', '950'."""
+def fmt_params(n: int | None) -> str:
+    """A parameter count in a few characters, for tables: '1.31M', '640.0k', '950' ('-' when unknown)."""
+    if n is None:
+        return "-"
     if n >= 1e6:
         return f"{n / 1e6:.2f}M"
     return f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
@@ -66,7 +64,7 @@ def print_profile_table(rows: List[Dict[str, Any]], console: Console) -> None:
     for label, group in groups.items():
         first = group[0]
         lc = f"{first['L']}, {first['C']}" if "L" in first else "-"
-        cells = [label, lc, _block_label(first), _fmt_params(first["params"])]
+        cells = [label, lc, _block_label(first), fmt_params(first["params"])]
         if multi:
             by_res = {r["resolution"]: r for r in group}
             base = by_res.get(resolutions[0])

@@ -18,6 +18,7 @@ fashion-mnist and Inception otherwise.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Dict, Iterable, List
 
 from ..errors import UserError, choices
@@ -141,7 +142,7 @@ def lower_is_better(metric: str) -> bool:
 
 def finite_number(x: Any) -> bool:
     """A real number that is not nan or inf (bools are not numbers here)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)  # numpy scalars too
 
 
 def count_tag(n: int) -> str:

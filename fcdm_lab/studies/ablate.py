@@ -171,7 +171,8 @@ class AblationJob:
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
             out = run_experiment(tracker, cfg, folder, resume=resume, evaluate=True, eval_seed=seed,
                                  progress=self.progress, study=self.spec.name, variant=variant, seed=seed)
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in out.metrics.items() if not k.endswith("_std"))
+        keys = [metric_key(m, out.metrics) for m in self.spec.metrics]  # the study's metrics; the run logs the rest
+        shown = ", ".join(f"{k} {out.metrics[k]:.4g}" for k in keys if k is not None)
         self.console.print(f"  {variant} seed {seed}: {shown}", highlight=False)
         key = metric_key(self.spec.primary, out.metrics)
         value = out.metrics.get(key) if key else None
@@ -363,7 +364,7 @@ def run_ablation(name: str, *, seeds: int | None = None, steps: int | None = Non
     mode = f"; until decided (at most {max_seeds} seeds)" if until_decided else ""
     if created:
         console.print(f"Study [bold]{spec.name}[/]: {len(plan.children)} runs ({len(spec.variants)} variants x "
-                      f"{plan.seeds} seed(s)) on {n} worker(s){mode}; parent run {parent_id}; Optuna study "
+                      f"{plan.seeds} seed(s)) on {n} worker(s){mode}\n  parent run {parent_id}; Optuna study "
                       f"{study_name} in {storage_text}", highlight=False, soft_wrap=True)
     else:
         console.print(f"Study [bold]{spec.name}[/]: joining parent run {parent_id} ({len(done_before)} of "

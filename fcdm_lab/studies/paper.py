@@ -24,6 +24,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from ..eval.metrics import finite_number
 from .verdicts import BETTER, CONFIDENCE, WORSE
 
 N_BOOTSTRAP = 2000
@@ -94,7 +95,7 @@ class PaperComparison:
 
 
 def _finite(values: Sequence[Optional[float]]) -> List[float]:
-    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return [float(v) for v in values if finite_number(v)]
 
 
 def spearman(ours: Sequence[float], paper: Sequence[float]) -> Optional[float]:

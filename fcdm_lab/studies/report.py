@@ -164,10 +164,6 @@ def _at_precision(x: float, half: Optional[float]) -> str:
     return f"{x:.2g}"
 
 
-def _fmt_params(p: Optional[int]) -> str:
-    return "-" if p is None else fmt_params(p)
-
-
 def _fmt_time(s: Optional[Stat]) -> str:
     if s is None:
         return "-"
@@ -380,7 +376,7 @@ class Report:
             row = [r.variant + (" *" if r.is_baseline else ""), f"n={len(r.seeds)}"]
             if self.until_decided:
                 row.append("baseline" if r.is_baseline else (r.stopped or "-"))
-            row += [_fmt_params(r.params), _fmt_gmacs(r), _fmt_match(r)]
+            row += [fmt_params(r.params), _fmt_gmacs(r), _fmt_match(r)]
             row += [r.metrics[m].fmt() if m in r.metrics else "-" for m in self.metrics]
             row += ["baseline" if r.is_baseline else (full_cell(r.verdicts[m]) if m in r.verdicts else "-")
                     for m in self.metrics]
@@ -453,7 +449,7 @@ class Report:
             cols.append(TableColumn("stopped", ["" if r.is_baseline else _short_reason(r.verdicts[self.primary])
                                                 if self.primary in r.verdicts else "-" for r in rows], "left"))
         if "params" not in drop:
-            cols.append(TableColumn("params", [_fmt_params(r.params) for r in rows]))
+            cols.append(TableColumn("params", [fmt_params(r.params) for r in rows]))
         cols.append(TableColumn("GMACs", [_compact_gmacs(r) for r in rows]))
         for m in self.metrics:
             if "other_means" in drop and m != self.primary:

@@ -85,7 +85,7 @@ class ScalingReport:
             t.add_column(h, justify="left" if h == "point" else "right", overflow="fold")
         for r in self.rows:
             t.add_row(r.name + (" (held out)" if r.held_out else ""), str(len(r.seeds)),
-                      fmt_params(int(r.params)) if r.params else "-", f"{r.gmacs:.3g}" if r.gmacs else "-",
+                      fmt_params(int(r.params) if r.params else None), f"{r.gmacs:.3g}" if r.gmacs else "-",
                       str(r.steps or "-"), f"{r.compute:.3g}" if r.compute else "-",
                       *[r.metrics[m].fmt() if m in r.metrics else "-" for m in self.metrics])
         return t
@@ -136,7 +136,7 @@ class ScalingReport:
                     *["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]]
 
         points = [[r.name + (" (held out)" if r.held_out else ""), len(r.seeds),
-                   fmt_params(int(r.params)) if r.params else "-", f"{r.gmacs:.4g}" if r.gmacs else "-",
+                   fmt_params(int(r.params) if r.params else None), f"{r.gmacs:.4g}" if r.gmacs else "-",
                    r.steps or "-", f"{r.compute:.4g}" if r.compute else "-",
                    *[r.metrics[m].fmt() if m in r.metrics else "-" for m in self.metrics]] for r in self.rows]
         lines = [f"# Scaling study `{self.study}`", "", self.description, "", f"MLflow run `{self.run_id}`.", "",

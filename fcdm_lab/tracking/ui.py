@@ -85,7 +85,7 @@ def ui_link(base_url: str, experiment_id: str | None = None) -> str:
 
 
 def browse_hint(run_id: str | None, uri: str | None = None, *, report: bool = False) -> str:
-    """One closing line: how to look at a run (a link to its experiment's runs table)."""
+    """The closing lines: how to look at a run (a link to its experiment's runs table), then the run."""
     uri = resolve_tracking_uri(uri)
     try:
         exp_id = mlflow_client(uri).get_run(run_id).info.experiment_id if run_id else None
@@ -99,9 +99,10 @@ def browse_hint(run_id: str | None, uri: str | None = None, *, report: bool = Fa
     else:
         password = " (the password from $PGPASSWORD)" if has_password(uri) else ""
         where = f"run `MLFLOW_TRACKING_URI={shown} fcdm-lab ui`{password}, open {ui_link('http://127.0.0.1:5000', exp_id)}"
-    text = f"Browse: {where} (run {run_id})"
-    if report:
-        text += f"; rebuild the report: `fcdm-lab report {run_id}`"
+    # Two lines, so each fits a 120-column terminal: the link, then the run (and how to rebuild its report).
+    text = f"Browse: {where}"
+    if run_id:
+        text += f"\n  run {run_id}" + (f"; rebuild its report: `fcdm-lab report {run_id}`" if report else "")
     return text
 
 
