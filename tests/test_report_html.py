@@ -30,6 +30,7 @@ VALUES = {"default": BASE, "k5": [b - 2.0 + d for b, d in zip(BASE, (0.1, -0.1, 
           "no-bottleneck": [b + d for b, d in zip(BASE, (0.1, 0.2, -0.4))],
           "resnet": [b + 3.0 + d for b, d in zip(BASE, (0.1, -0.2, 0.0))]}
 NO_GRID = "cca"          # a variant whose children logged no evaluation grid
+VAL_LOSS_SCALE = 0.01    # the study's primary, val_loss, logged as fid_fashion / 100 (same verdicts)
 
 
 def fake_study(uri: str | None, values=VALUES, *, no_grid=NO_GRID) -> str:
@@ -47,7 +48,8 @@ def fake_study(uri: str | None, values=VALUES, *, no_grid=NO_GRID) -> str:
             child = client.create_run(exp.experiment_id, tags={"mlflow.parentRunId": parent.info.run_id,
                                                                "variant": variant, "seed": str(seed)})
             tracker = Tracker(client, child.info.run_id)
-            client.log_batch(child.info.run_id, metrics=[Metric("fid_fashion", float(v), 0, 30)] + [
+            client.log_batch(child.info.run_id, metrics=[Metric("fid_fashion", float(v), 0, 30),
+                                                         Metric("val_loss", VAL_LOSS_SCALE * float(v), 0, 30)] + [
                 Metric(LOSS_METRIC, 1.0 / step + 0.01 * k + 0.001 * seed, 0, step) for step in (10, 20, 30)])
             if variant != no_grid:  # a 2x4 grid of 8x8 tiles, a grey level per variant
                 tracker.log_image(np.full((16, 32, 3), 20 * k + seed, np.uint8), EVAL_IMAGES, step=30)
@@ -101,7 +103,7 @@ def test_report_html_has_verdicts_forest_plot_grids_and_losses(study_report):
     # the forest plot, one grid per variant with a grid (and "no samples" for the one without), the loss plot
     images = _images(page)
     alts = [a for a, _ in images]
-    assert alts.count("forest plot of the paired differences in fid_fashion") == 1
+    assert alts.count("forest plot of the paired differences in val_loss") == 1
     assert alts.count("training loss curves of every child run") == 1
     grids = {a: im for a, im in images if a.startswith("evaluation samples of ")}
     assert set(grids) == {f"evaluation samples of {v}, seed 0" for v in VALUES if v != NO_GRID}
@@ -154,7 +156,7 @@ def test_report_html_renders_in_chromium(study_report, tmp_path):
     assert f'data-images="ok {n}/{n}"' in dom, dom[:300]
     rows = re.findall(r"<tr(?: class=\"baseline\")?><td>([^<]+)</td>", dom)
     assert rows[:len(report.rows)] == [c[0] for c in report.cells()]
-    assert "Forest plot: Δ fid_fashion against the baseline" in dom and "no samples" in dom
+    assert "Forest plot: Δ val_loss against the baseline" in dom and "no samples" in dom
 
 
 def test_grids_of_runs_logged_before_stepped_images_are_found(store):

@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from ..eval.metrics import finite_number
+from ..eval.metrics import finite_number, lower_is_better
 from .verdicts import BETTER, CONFIDENCE, WORSE
 
 N_BOOTSTRAP = 2000
@@ -169,17 +169,23 @@ def compare_with_paper(values: Mapping[str, Sequence[Optional[float]]], paper_fi
     return cmp
 
 
+def paper_metric(report) -> str:
+    """The study metric set against the paper's column: the paper's table reports FID, so the study's
+    first FID-like metric (fid_*) where it has one, else its primary (a study judged on val_loss still
+    compares its FID ordering with the paper's)."""
+    return next((m for m in report.metrics if m.startswith("fid")), report.primary)
+
+
 def report_against_paper(report) -> PaperComparison:
-    """The comparison for a study report (report.Report): its primary metric's per-seed values, the
-    paper's FIDs from the study file's `paper` rows, and the report's verdicts on the primary."""
-    values = {r.variant: list(r.metrics[report.primary].values) if report.primary in r.metrics else []
-              for r in report.rows}
+    """The comparison for a study report (report.Report): paper_metric's per-seed values, the paper's
+    FIDs from the study file's `paper` rows, and the report's verdicts on that metric."""
+    metric = paper_metric(report)
+    values = {r.variant: list(r.metrics[metric].values) if metric in r.metrics else [] for r in report.rows}
     paper_fid = {r.variant: r.paper["fid"] for r in report.rows if r.paper and "fid" in r.paper}
-    verdicts = {r.variant: r.verdicts[report.primary].verdict for r in report.rows
-                if report.primary in r.verdicts}
+    verdicts = {r.variant: r.verdicts[metric].verdict for r in report.rows if metric in r.verdicts}
     return compare_with_paper(values, paper_fid, verdicts, baseline=report.baseline,
-                              lower_is_better=report.lower_is_better, metric=report.primary)
+                              lower_is_better=lower_is_better(metric), metric=metric)
 
 
-__all__ = ["PaperComparison", "PaperRow", "bootstrap_spearman", "compare_with_paper", "report_against_paper",
-           "spearman"]
+__all__ = ["PaperComparison", "PaperRow", "bootstrap_spearman", "compare_with_paper", "paper_metric",
+           "report_against_paper", "spearman"]
