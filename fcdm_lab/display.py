@@ -2,12 +2,20 @@
 from __future__ import annotations
 
 import io
+import os
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+
+def short_path(path) -> str:
+    """A path as printed: relative to the working directory when inside it (a 120-column line keeps
+    the file name; the absolute path of a study folder alone can pass 120), else as given."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
 
 
 def fmt_params(n: int | None) -> str:
