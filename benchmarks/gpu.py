@@ -5,6 +5,14 @@ the repository root; give the device call a timeout of at least 500 s:
 
     python benchmarks/gpu.py --json "$OUT/gpu-results.json" 2>&1 | tee "$OUT/gpu-log.txt"
 
+The lent GPU machines have torch, accelerate and timm but not diffusers (fcdm_lab.models builds on
+its ModelMixin). Bring it along as a folder, built here for the machine's Python version X.Y
+(`python -V` there; the folder is gitignored and travels with the device call's `carry`):
+
+    pip install --target .gpu-site --no-deps --only-binary=:all: --python-version X.Y \
+        diffusers huggingface_hub safetensors regex importlib_metadata zipp pyyaml tqdm
+    # device call: carry [".gpu-site"], command prefixed with PYTHONPATH=.gpu-site
+
 It prints first which sections will run with a time estimate each, stops STARTING new work once
 --budget-s (default 380 s) has passed (what is skipped is listed in the JSON and at the end), writes
 the JSON after every measurement (by rename, so a killed run leaves the last complete file), and
