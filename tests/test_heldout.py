@@ -83,8 +83,9 @@ def test_two_copies_of_a_model_give_the_same_value_with_every_term():
     c = heldout_loss(model_for(cfg), cfg)  # built again from the same seed
     assert a == b == c
     assert set(a) == {"val_loss", "val_mse", "val_vb", *QUARTERS}
-    assert a["val_loss"] == pytest.approx(a["val_mse"] + a["val_vb"], rel=1e-9)
-    assert a["val_loss"] == pytest.approx(sum(a[q] for q in QUARTERS) / 4, rel=1e-9)  # equal draws per quarter
+    # float32 sums in another order: equal to float32 precision
+    assert a["val_loss"] == pytest.approx(a["val_mse"] + a["val_vb"], rel=1e-6)
+    assert a["val_loss"] == pytest.approx(sum(a[q] for q in QUARTERS) / 4, rel=1e-6)  # equal draws per quarter
     assert all(math.isfinite(v) for v in a.values())
     other = heldout_loss(model_for(cfg, seed=1), cfg)
     assert other["val_loss"] != a["val_loss"]
