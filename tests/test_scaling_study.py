@@ -5,9 +5,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+from rich.console import Console
 from conftest import TINY
 
 from fcdm_lab.errors import UserError
+from fcdm_lab.studies.report import report_command
 from fcdm_lab.studies.spec import load_study, plan_study
 from fcdm_lab.studies.sweep import sweep_command
 from fcdm_lab.tracking.client import get_client
@@ -46,6 +48,15 @@ def test_two_workers_train_each_point_and_seed_once_and_log_the_law(tmp_path, st
     assert any(k.startswith("predicted.L1-C16.val_loss") for k in metrics)
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
     assert {"report/scaling.png", "report/report.html", "report/report.md"} <= artifacts
+    # `fcdm-lab report` rebuilds a scaling study's report from MLflow alone (the line the study printed says so)
+    console = Console(width=120, record=True)
+    rebuilt, paths = report_command(result.parent_run_id, out_dir=tmp_path / "again", console=console)
+    assert [r.name for r in rebuilt.rows] == [r.name for r in report.rows] and paths["html"].is_file()
+    shown = console.export_text()
+    assert "Fitted laws" in shown and "logged again to run" in shown
+    assert max(len(line.rstrip()) for line in shown.splitlines() if not line.startswith("Report: ")) <= 120
+    with pytest.raises(UserError, match="is a scaling study"):
+        report_command(result.parent_run_id, out_dir=tmp_path / "again", console=console, against_paper=True)
 
 
 def test_compute_budgets_give_smaller_models_more_steps(tmp_path):

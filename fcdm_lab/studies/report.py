@@ -40,12 +40,13 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from rich.console import Console
 
-from ..display import fmt_params, paper_table, print_wide, report_table, table_text
+from ..display import fmt_params, paper_table, print_wide, report_table, short_path, table_text
 from ..errors import UserError
 from ..eval.metrics import lower_is_better, metric_key
 from ..tracking.client import attach_run, get_client, get_run, logged_images
 from .paper import report_against_paper
 from .report_html import write_html
+from .scaling_report import build_scaling_report, load_report
 from .sequential import SequentialVerdict, sequential_verdicts
 from .verdicts import (ALPHA, BETTER, INCONCLUSIVE, NO_ERROR_BAR, NO_PAIRS, POWER, WORSE, Stat, Verdict,
                        family_verdicts, summarize)
@@ -884,7 +885,7 @@ def build_report(run_id: str, uri: str | None = None, against_paper: Optional[bo
     if tags.get("kind") != "ablation":
         up = tags.get("mlflow.parentRunId")
         hint = f"; it is a child of run {up}: report that one" if up else ""
-        raise UserError(f"run {run_id} is not a study run (tag kind=ablation){hint}")
+        raise UserError(f"run {run_id} is not a study run (tag kind=ablation or scaling){hint}")
     info = load_study_info(client, run_id)
     spec = info["spec"]
     variants = [v["name"] for v in spec["variants"]]
@@ -973,18 +974,22 @@ def build_report(run_id: str, uri: str | None = None, against_paper: Optional[bo
 
 
 def report_command(run_id: str, uri: str | None = None, out_dir=None, console=None,
-                   against_paper: Optional[bool] = None) -> tuple[Report, Dict[str, Path]]:
-    """The `fcdm-lab report RUN_ID` library function: rebuild the report, print the table, write
-    report.md / plot.png / summary.json / report.html (default reports/<study>-<run id>/) and log them again."""
-
-
-    report = build_report(run_id, uri, against_paper=against_paper)
+                   against_paper: Optional[bool] = None) -> tuple[Any, Dict[str, Path]]:
+    """The `fcdm-lab report RUN_ID` library function: rebuild an ablation or scaling study's report from
+    MLflow, print its tables, write its files (default reports/<study>-<run id>/) and log them again."""
+    if get_run(run_id, client=get_client(uri, existing=True)).data.tags.get("kind") == "scaling":
+        if against_paper:
+            raise UserError(f"--against-paper compares an ablation study with the paper's table; run {run_id} "
+                            "is a scaling study")
+        report = build_scaling_report(*load_report(run_id, uri))
+    else:
+        report = build_report(run_id, uri, against_paper=against_paper)
     console = console or Console()
     report.print(console)
     folder = Path(out_dir) if out_dir is not None else Path("reports") / f"{report.study}-{run_id[:8]}"
     paths = report.write(folder)
     report.log(attach_run(run_id, uri), paths)  # the files just written, not rendered again
-    console.print(f"Report written to {paths['markdown']}, {paths['plot']} and {paths['html']}, and logged to run "
-                  f"{run_id}", highlight=False)
+    console.print(f"Report: {short_path(paths['html'])} (also {', '.join(p.name for k, p in paths.items() if k != 'html')})\n"
+                  f"  logged again to run {run_id}", highlight=False, soft_wrap=True)
     return report, paths
 

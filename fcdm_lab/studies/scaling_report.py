@@ -34,6 +34,27 @@ REPORT_DIR = "report"
 NOTE_LIMIT = 7000      # MLflow keeps tag values up to 8000 characters
 
 
+def _terminal_table(title: str, header: List[str], rows: List[List[str]]) -> Table:
+    """A law or prediction table for a 120-column terminal. Its bookkeeping columns (points, seeds,
+    refits, note) move to the caption as "name: value" when every row has the same value, and an empty
+    note column is left out; the files (markdown, HTML) keep every column."""
+    shared = []
+    keep = list(range(len(header)))
+    for i, h in enumerate(header):
+        values = {row[i] for row in rows}
+        if h in ("points", "seeds", "refits", "note") and len(values) == 1 and (len(rows) > 1 or h == "note"):
+            keep.remove(i)
+            if values != {""}:
+                shared.append(f"{h}: {values.pop()}")
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, caption="; ".join(shared) or None,
+              caption_justify="left")
+    for i in keep:
+        t.add_column(header[i], overflow="fold")
+    for row in rows:
+        t.add_row(*(row[i] for i in keep))
+    return t
+
+
 @dataclass
 class PointRow:
     name: str
@@ -91,25 +112,12 @@ class ScalingReport:
         return t
 
     def law_table(self) -> Table:
-        header, rows = S.fit_table(self.laws, self.isoflop)
-        t = Table(title="Fitted laws (95% intervals: bootstrap over seeds)", title_justify="left", box=box.SIMPLE_HEAD)
-        for h in header:
-            t.add_column(h, overflow="fold")
-        for row in rows:
-            t.add_row(*row)
-        return t
+        return _terminal_table("Fitted laws (95% intervals: bootstrap over seeds)", *S.fit_table(self.laws, self.isoflop))
 
     def prediction_table(self) -> Optional[Table]:
         if not self.checks:
             return None
-        header, rows = S.prediction_table(self.checks)
-        t = Table(title="Held-out points: predicted (95% interval) vs measured", title_justify="left",
-                  box=box.SIMPLE_HEAD)
-        for h in header:
-            t.add_column(h, overflow="fold")
-        for row in rows:
-            t.add_row(*row)
-        return t
+        return _terminal_table("Held-out points: predicted (95% interval) vs measured", *S.prediction_table(self.checks))
 
     def caption(self) -> str:
         text = ("compute = GMACs per image x training images; cells: mean ± 95% t-interval over paired seeds; "
