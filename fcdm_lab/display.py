@@ -18,6 +18,11 @@ def short_path(path) -> str:
     return str(path) if rel.startswith("..") else rel
 
 
+def report_files_line(paths) -> str:
+    """'Report: <report.html> (also report.md, ...)': where a study's report was written, in one line."""
+    return f"Report: {short_path(paths['html'])} (also {', '.join(p.name for k, p in paths.items() if k != 'html')})"
+
+
 def fmt_params(n: int | None) -> str:
     """A parameter count in a few characters, for tables: '1.31M', '640.0k', '950' ('-' when unknown)."""
     if n is None:

@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from rich.console import Console
 
-from ..display import short_path, studies_table
+from ..display import report_files_line, studies_table
 from ..errors import UserError
 from ..eval.metrics import lower_is_better, metric_key
 from ..runner import run_experiment
@@ -491,8 +491,7 @@ def _finish(plan: StudyPlan, study, *, client, exp_id, parent_id, uri, root, cre
     paths = report.write(root / "report")
     report.log(parent, paths)  # the files just written, not rendered again
     report.print(console)
-    console.print(f"Report: {short_path(paths['html'])} (also {', '.join(p.name for k, p in paths.items() if k != 'html')})",
-                  highlight=False, soft_wrap=True)
+    console.print(report_files_line(paths), highlight=False, soft_wrap=True)
     console.print(browse_hint(parent_id, uri, report=True), highlight=False, soft_wrap=True)
     client.set_terminated(parent_id, report.status)
     if missing:  # the parent ends FAILED, so the same command resumes it and retries these

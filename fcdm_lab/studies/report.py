@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from rich.console import Console
 
-from ..display import fmt_params, paper_table, print_wide, report_table, short_path, table_text
+from ..display import fmt_params, paper_table, print_wide, report_files_line, report_table, table_text
 from ..errors import UserError
 from ..eval.metrics import lower_is_better, metric_key
 from ..tracking.client import attach_run, get_client, get_run, logged_images
@@ -989,7 +989,6 @@ def report_command(run_id: str, uri: str | None = None, out_dir=None, console=No
     folder = Path(out_dir) if out_dir is not None else Path("reports") / f"{report.study}-{run_id[:8]}"
     paths = report.write(folder)
     report.log(attach_run(run_id, uri), paths)  # the files just written, not rendered again
-    console.print(f"Report: {short_path(paths['html'])} (also {', '.join(p.name for k, p in paths.items() if k != 'html')})\n"
-                  f"  logged again to run {run_id}", highlight=False, soft_wrap=True)
+    console.print(f"{report_files_line(paths)}\n  logged again to run {run_id}", highlight=False, soft_wrap=True)
     return report, paths
 
