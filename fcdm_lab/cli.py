@@ -17,13 +17,13 @@ from typing import List, Optional
 import typer
 # typer >= 0.20 vendors click; its exceptions live here (the public names cover only a few)
 from typer._click import exceptions as click_exc
-from rich.console import Console
 from rich.markup import escape
 
+from .display import output_console
 from .errors import UserError
 
-console = Console()
-err_console = Console(stderr=True)
+console = output_console()
+err_console = output_console(stderr=True)
 
 app = typer.Typer(
     name="fcdm-lab",

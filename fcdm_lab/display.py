@@ -11,6 +11,20 @@ from rich.table import Table
 from rich.text import Text
 
 
+VERDICT_STYLES = {"better": "green", "worse": "red", "inconclusive": "yellow"}
+REPORT_WIDTH = 120   # studies/report.py TABLE_WIDTH: the study table fits a 120-column terminal
+
+
+def output_console(stderr: bool = False) -> Console:
+    """The console every command prints with: a terminal's own width; elsewhere (a log file, a pipe,
+    a scheduler job's stdout) REPORT_WIDTH columns unless COLUMNS says otherwise, where rich would
+    take 80 and break study tables, paths and run ids over several lines."""
+    console = Console(stderr=stderr)
+    if not (console.is_terminal or console.is_jupyter) and not os.environ.get("COLUMNS"):
+        console.width = REPORT_WIDTH
+    return console
+
+
 def short_path(path) -> str:
     """A path as printed: relative to the working directory when inside it (a 120-column line keeps
     the file name; the absolute path of a study folder alone can pass 120), else as given."""
@@ -195,8 +209,6 @@ def studies_table(specs, sweeps=()) -> Table:
     return t
 
 
-VERDICT_STYLES = {"better": "green", "worse": "red", "inconclusive": "yellow"}
-REPORT_WIDTH = 120   # studies/report.py TABLE_WIDTH: the study table fits a 120-column terminal
 
 
 def _compact_report_table(report, columns, caption: str, width: int) -> Table:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from fcdm_lab.display import print_wide, report_table
+from fcdm_lab.display import output_console, print_wide, report_table
 from fcdm_lab.studies.report import AnytimeVerdict, Report, Row, UNTIL_DECIDED, build_report
 from fcdm_lab.studies.sequential import sequential_verdicts
 from fcdm_lab.studies.verdicts import (BETTER, INCONCLUSIVE, NO_ERROR_BAR, WORSE, Stat, family_verdicts,
@@ -136,6 +136,20 @@ def test_verdict_words_are_short_and_coloured():
                     seen.add(word)
             assert "inconclusive" not in cell.plain and len(cell.plain) <= 20
     assert seen == {"better", "worse", "?"}
+
+
+def test_output_into_a_file_is_120_columns_and_lines_are_not_broken(monkeypatch, capsys):
+    """A command's output into a file or pipe (a log, nohup, a scheduler's stdout): 120 columns, not
+    rich's 80, unless COLUMNS says otherwise; a study's progress line (soft-wrapped) stays one line
+    however long its path or run id."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    console = output_console()
+    assert not console.is_terminal and console.width == 120
+    line = "tiny-digits: training grn (seed 0) (worker 1, trial 12) in runs/studies/" + "x" * 90 + "/grn-seed0"
+    console.print(line, highlight=False, soft_wrap=True)
+    assert capsys.readouterr().out == line + "\n"
+    monkeypatch.setenv("COLUMNS", "90")
+    assert output_console(stderr=True).width == 90
 
 
 def test_printed_into_a_file_it_is_no_wider_than_120_columns():

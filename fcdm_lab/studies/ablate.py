@@ -37,9 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from rich.console import Console
 
-from ..display import report_files_line, studies_table
+from ..display import output_console, report_files_line, studies_table
 from ..errors import UserError
 from ..eval.metrics import lower_is_better, metric_key
 from ..runner import run_experiment
@@ -94,7 +93,7 @@ class StudyResult:
 def print_studies(console=None) -> List[StudySpec]:
     """`fcdm-lab ablate` with no name: every bundled study and sweep, one line each."""
     specs = list_studies()
-    (console or Console()).print(studies_table(specs, [load_sweep(n) for n in sweep_names()]))
+    (console or output_console()).print(studies_table(specs, [load_sweep(n) for n in sweep_names()]))
     return specs
 
 
@@ -163,7 +162,7 @@ class AblationJob:
         resume = "latest" if find_latest_checkpoint(folder) is not None else None
         what = "resuming" if resume else "training"
         self.console.print(f"[bold]{self.spec.name}[/]: {what} {variant} (seed {seed}) [dim](worker {self.worker}, "
-                           f"trial {trial.number})[/]", highlight=False)
+                           f"trial {trial.number})[/]", highlight=False, soft_wrap=True)
         tags = {"study": self.spec.name, "variant": variant, "seed": seed, "seed_index": child.seed_index,
                 "kind": "ablation-child", "optuna.trial": trial.number}
         with tracked_run(f"{variant}-seed{seed}", uri=self.uri, parent_run_id=self.parent_id, tags=tags,
@@ -173,7 +172,7 @@ class AblationJob:
                                  progress=self.progress, study=self.spec.name, variant=variant, seed=seed)
         keys = [metric_key(m, out.metrics) for m in self.spec.metrics]  # the study's metrics; the run logs the rest
         shown = ", ".join(f"{k} {out.metrics[k]:.4g}" for k in keys if k is not None)
-        self.console.print(f"  {variant} seed {seed}: {shown}", highlight=False)
+        self.console.print(f"  {variant} seed {seed}: {shown}", highlight=False, soft_wrap=True)
         key = metric_key(self.spec.primary, out.metrics)
         value = out.metrics.get(key) if key else None
         return float(value) if value is not None else float("nan")
@@ -317,7 +316,7 @@ def run_ablation(name: str, *, seeds: int | None = None, steps: int | None = Non
     import optuna  # ~0.4 s: the CLI refuses bad input before this
     from optuna.trial import TrialState
 
-    console = console or Console()
+    console = console or output_console()
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
     launcher = launcher or Launcher()

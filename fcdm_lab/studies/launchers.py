@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol
 
-from rich.console import Console
 
+from ..display import output_console
 from ..errors import UserError, choices
 from ..signals import raise_on_signals
 from .engine import POLL_S, cores
@@ -105,7 +105,7 @@ def _run_worker(args: WorkerArgs) -> int:
     # under a scheduler CUDA_VISIBLE_DEVICES holds this job's GPUs only: device 0 is its own
     if not args.submitted and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         torch.cuda.set_device(args.index % torch.cuda.device_count())
-    console, errors = Console(stderr=False), Console(stderr=True, soft_wrap=True)
+    console, errors = output_console(), output_console(stderr=True)
     try:
         # a scheduler's SIGTERM / SIGUSR1 becomes an interrupt (trial FAIL, run KILLED), as Ctrl-C does
         with raise_on_signals(), (_time_limit_warning_stops() if args.submitted else contextlib.nullcontext()):
@@ -357,7 +357,7 @@ def run_workers(job: WorkerJob, workers: int, launcher: Optional[Launcher] = Non
     Processes: multiprocessing spawn (a fresh interpreter each, no forked torch or database state);
     Ctrl+C reaches them through the process group; on any other exit here they are terminated."""
     if launcher is not None and launcher.submits:
-        return _submit_workers(launcher, job, workers, console or Console())
+        return _submit_workers(launcher, job, workers, console or output_console())
     ctx = multiprocessing.get_context("spawn")
     threads = threads_per_worker(workers)
     procs = [ctx.Process(target=_worker_main, args=(WorkerArgs(job, i, threads),), name=f"fcdm-worker-{i}")

@@ -38,9 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from rich.console import Console
-
-from ..display import fmt_params, paper_table, print_wide, report_files_line, report_table, table_text
+from ..display import fmt_params, output_console, paper_table, print_wide, report_files_line, report_table, table_text
 from ..errors import UserError
 from ..eval.metrics import lower_is_better, metric_key
 from ..tracking.client import attach_run, get_client, get_run, logged_images
@@ -984,7 +982,7 @@ def report_command(run_id: str, uri: str | None = None, out_dir=None, console=No
         report = build_scaling_report(*load_report(run_id, uri))
     else:
         report = build_report(run_id, uri, against_paper=against_paper)
-    console = console or Console()
+    console = console or output_console()
     report.print(console)
     folder = Path(out_dir) if out_dir is not None else Path("reports") / f"{report.study}-{run_id[:8]}"
     paths = report.write(folder)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from rich.console import Console
 
 from ..config import ExperimentConfig, config_from_dict
+from ..display import output_console
 from ..errors import UserError
 from ..runner import run_experiment
 from ..tracking.client import get_client, get_run, resolve_tracking_uri, tracked_run
@@ -96,7 +96,7 @@ def _free_folder(base: Path) -> Path:
 
 def rerun(run_id: str, uri: str | None = None, *, out_dir=None, progress: bool = True, console=None) -> RerunResult:
     """Re-execute a logged training run (or study child) from its recorded config and seed."""
-    console = console or Console()
+    console = console or output_console()
     uri = resolve_tracking_uri(uri)
     client = get_client(uri, existing=True)
     run = get_run(run_id, client=client)

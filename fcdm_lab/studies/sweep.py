@@ -37,9 +37,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from rich.console import Console
 
 from ..config import ExperimentConfig, load_experiment
+from ..display import output_console
 from ..errors import UserError, choices
 from ..eval.metrics import finite_number, metric_key
 from ..models.info import model_info_for
@@ -446,7 +446,7 @@ def run_sweep(name_or_path: str | Path, *, trials: Optional[int] = None, storage
     import optuna
     import torch
 
-    console = console or Console()
+    console = console or output_console()
     launcher = launcher or Launcher()
     storage_url, uri = launcher.shared_stores(check_storage_url(storage), resolve_tracking_uri(uri))
     spec = load_sweep(name_or_path)
