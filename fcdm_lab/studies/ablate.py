@@ -50,10 +50,10 @@ from ..training.preflight import check_config
 from ..training.state import find_latest_checkpoint
 from .engine import WorkerSlots, claim_waiting, nothing_left, work
 from .launchers import Launcher, run_workers, threads_per_worker
-from .report import STUDY_FILE, Report, build_report
-from .scaling_report import build_scaling_report, load_report
+from .report import Report, study_report
 from .sequential import needs_more_seeds, sequential_verdicts
 from .spec import ChildPlan, StudyPlan, StudySpec, list_studies, load_study, plan_study
+from .stored import STUDY_FILE
 from .storage import DEFAULT_STORAGE, check_storage_url, open_storage, redact, sqlite_init_lock
 from .study import PARENT_ATTR, new_parent_run, open_study
 from .sweep_file import load_sweep, sweep_names
@@ -482,10 +482,7 @@ def _finish(plan: StudyPlan, study, *, client, exp_id, parent_id, uri, root, cre
     parent.log_metrics({"study.wall_time_s": time.time() - start, "study.children_trained": trained,
                         "study.rounds": rounds})
     missing = [o for o in outcomes if o.status != STATUS_FINISHED]
-    if spec.kind == "scaling":
-        report = build_scaling_report(*load_report(parent_id, uri))
-    else:
-        report = build_report(parent_id, uri)
+    report = study_report(parent_id, uri)
     report.status = STATUS_FAILED if missing else STATUS_FINISHED  # what the parent ends as, just below
     paths = report.write(root / "report")
     report.log(parent, paths)  # the files just written, not rendered again

@@ -44,13 +44,13 @@ from ..eval.metrics import lower_is_better, metric_key
 from ..tracking.client import attach_run, get_client, get_run, logged_images
 from .paper import report_against_paper
 from .report_html import write_html
-from .scaling_report import build_scaling_report, load_report
+from .scaling_report import build_scaling_report
 from .sequential import SequentialVerdict, sequential_verdicts
+from .stored import read_study_file, study_children
 from .verdicts import (ALPHA, BETTER, INCONCLUSIVE, NO_ERROR_BAR, NO_PAIRS, POWER, WORSE, Stat, Verdict,
                        family_verdicts, summarize)
 
 MATCH_TOLERANCE = 0.01   # "compute-matched" = GMACs within 1% of the baseline's
-STUDY_FILE = "study.json"
 REPORT_DIR = "report"
 LOSS_METRIC = "loss"            # the trainer's step metric (train/trainer.py), overlaid in report.html
 EVAL_IMAGES = "eval_samples"    # the evaluation's stepped sample grid (eval/evaluate.py), side by side in report.html
@@ -755,22 +755,6 @@ def _finite_or_none(x):
 # Rebuilding from MLflow
 # ---------------------------------------------------------------------------------------------
 
-def load_study_info(client, run_id: str) -> Dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = client.download_artifacts(run_id, STUDY_FILE, tmp)
-        except Exception:
-            raise UserError(f"run {run_id} has no {STUDY_FILE} artifact: it was not written by `fcdm-lab ablate`") from None
-        return json.loads(Path(local).read_text())
-
-
-def study_children(client, parent):
-    """Every child run of a study parent (any status), newest first."""
-    return client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-                              order_by=["attributes.start_time DESC"], max_results=10000)
-
-
 def _float(params: Dict[str, str], key: str) -> Optional[float]:
     try:
         return float(params[key])
@@ -870,21 +854,23 @@ def _anytime_verdicts(rows: Dict[str, Row], runs: Dict[str, Dict[int, Any]], bas
             rows[v].stopped = rows[v].verdicts[primary].reason
 
 
-def build_report(run_id: str, uri: str | None = None, against_paper: Optional[bool] = None) -> Report:
+def build_report(run_id: str, uri: str | None = None, against_paper: Optional[bool] = None,
+                 parent=None) -> Report:
     """Rebuild a study's report from its MLflow parent run and children alone. against_paper: add
     the comparison with the paper's table (studies/paper.py); None = when every variant has a paper FID.
+    parent: the parent run, where the caller has read it already.
 
     Seeds: every seed a finished child has, plus the first round's (study.json's seeds_used). Missing:
     children without a finished run; with --until-decided (tag study.mode) a decided variant's later
     seeds were never trained, so only the first round's seeds and children that exist count."""
     client = get_client(uri, existing=True)
-    parent = get_run(run_id, client=client)
+    parent = parent or get_run(run_id, client=client)
     tags = parent.data.tags
     if tags.get("kind") != "ablation":
         up = tags.get("mlflow.parentRunId")
         hint = f"; it is a child of run {up}: report that one" if up else ""
         raise UserError(f"run {run_id} is not a study run (tag kind=ablation or scaling){hint}")
-    info = load_study_info(client, run_id)
+    info = read_study_file(client, run_id)
     spec = info["spec"]
     variants = [v["name"] for v in spec["variants"]]
     papers = {v["name"]: v.get("paper") for v in spec["variants"]}
@@ -971,17 +957,24 @@ def build_report(run_id: str, uri: str | None = None, against_paper: Optional[bo
     return report
 
 
+def study_report(run_id: str, uri: str | None = None, against_paper: Optional[bool] = None):
+    """The report of a study's parent run, rebuilt from MLflow: a scaling study's (tag kind=scaling,
+    studies/scaling_report.py) or an ablation study's (build_report)."""
+    client = get_client(uri, existing=True)
+    parent = get_run(run_id, client=client)
+    if parent.data.tags.get("kind") != "scaling":
+        return build_report(run_id, uri, against_paper=against_paper, parent=parent)
+    if against_paper:
+        raise UserError(f"--against-paper compares an ablation study with the paper's table; run {run_id} "
+                        "is a scaling study")
+    return build_scaling_report(client, parent, read_study_file(client, run_id))
+
+
 def report_command(run_id: str, uri: str | None = None, out_dir=None, console=None,
                    against_paper: Optional[bool] = None) -> tuple[Any, Dict[str, Path]]:
     """The `fcdm-lab report RUN_ID` library function: rebuild an ablation or scaling study's report from
     MLflow, print its tables, write its files (default reports/<study>-<run id>/) and log them again."""
-    if get_run(run_id, client=get_client(uri, existing=True)).data.tags.get("kind") == "scaling":
-        if against_paper:
-            raise UserError(f"--against-paper compares an ablation study with the paper's table; run {run_id} "
-                            "is a scaling study")
-        report = build_scaling_report(*load_report(run_id, uri))
-    else:
-        report = build_report(run_id, uri, against_paper=against_paper)
+    report = study_report(run_id, uri, against_paper=against_paper)
     console = console or output_console()
     report.print(console)
     folder = Path(out_dir) if out_dir is not None else Path("reports") / f"{report.study}-{run_id[:8]}"

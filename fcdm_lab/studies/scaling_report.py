@@ -2,7 +2,7 @@
 the fitted laws with intervals, the IsoFLOP analysis (several compute budgets), and each held-out
 point's prediction against its measurement.
 
-    report = build_scaling_report(parent_run_id)
+    report = study_report(parent_run_id)      # studies/report.py: this report for a scaling study's parent
     report.print(console); paths = report.write("report/"); report.log(tracker, paths)
 
 The statistics are studies/scaling.py's (bootstrap over paired seeds); this module gathers the
@@ -25,11 +25,10 @@ from rich.table import Table
 from ..display import fmt_params, print_wide
 from ..errors import UserError
 from ..eval.metrics import lower_is_better, metric_key
-from ..tracking.client import get_client, get_run
 from . import scaling as S
+from .stored import study_children
 from .verdicts import Stat, summarize
 
-STUDY_FILE = "study.json"
 REPORT_DIR = "report"
 NOTE_LIMIT = 7000      # MLflow keeps tag values up to 8000 characters
 
@@ -255,9 +254,7 @@ def build_scaling_report(client, parent, info: Dict[str, Any]) -> ScalingReport:
     """The report of a scaling study's parent run (its study.json `info` and finished children)."""
     spec = info["spec"]
     finished: Dict[tuple, Any] = {}
-    for run in client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-                                  order_by=["attributes.start_time DESC"], max_results=10000):
+    for run in study_children(client, parent):
         key = (run.data.tags.get("variant"), run.data.tags.get("seed"))
         if run.info.status == "FINISHED" and key not in finished:
             finished[key] = run
@@ -308,16 +305,4 @@ def build_scaling_report(client, parent, info: Dict[str, Any]) -> ScalingReport:
     return report
 
 
-def load_report(run_id: str, uri: str | None = None):
-    """(client, parent run, study.json) of a study's parent run."""
-    client = get_client(uri, existing=True)
-    parent = get_run(run_id, client=client)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = client.download_artifacts(run_id, STUDY_FILE, tmp)
-        except Exception:
-            raise UserError(f"run {run_id} has no {STUDY_FILE} artifact: it was not written by a study") from None
-        return client, parent, json.loads(Path(local).read_text())
-
-
-__all__ = ["PointRow", "ScalingReport", "build_scaling_report", "load_report"]
+__all__ = ["PointRow", "ScalingReport", "build_scaling_report"]
