@@ -13,7 +13,7 @@ from fcdm_lab.errors import UserError
 from fcdm_lab.models import FCDM, create_model
 from fcdm_lab.models.blocks import MixerSpec, build_block, resolve_block_spec, resolve_mixer_spec
 from fcdm_lab.models.flops import count_gmacs, count_params
-from fcdm_lab.models.matching import KNOBS, match_flops
+from fcdm_lab.models.matching import KNOBS, fcdm_gmacs, match_flops
 from fcdm_lab.models.profile import profile_model
 from fcdm_lab.models.registry import BLOCKS, MIXERS, Registry
 
@@ -301,6 +301,17 @@ def test_compute_matched_variants_within_1_percent(block, knob):
     with torch.device("meta"):
         m = FCDM(**kwargs)
     assert count_gmacs(m, (4, 32, 32)) == pytest.approx(res.gmacs)
+
+
+@pytest.mark.parametrize("block,knob", [(b, k) for b, k in MATCHED_ROWS if k != "width"])
+def test_matched_ratio_is_the_closest_whole_channel_count(block, knob):
+    """The solve's answer against every whole channel count at a tiny size: none is closer."""
+    base = dict(L=1, C=8, input_size=8, in_channels=1, num_classes=10, block=block)
+    kwargs, res = match_flops(base, knob)
+    spec = resolve_block_spec(block)
+    errors = {h: abs(fcdm_gmacs({**base, "block": {**spec, knob: h / 8}}) - res.target_gmacs) for h in range(1, 65)}
+    best = min(errors, key=lambda h: (errors[h], h))
+    assert kwargs["block"][knob] == best / 8 and res.gmacs == pytest.approx(res.target_gmacs, abs=errors[best] + 1e-12)
 
 
 def test_unmatched_kernel_rows_follow_the_paper():
