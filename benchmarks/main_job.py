@@ -23,8 +23,10 @@ import time
 def main() -> None:
     extra = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
     with tempfile.TemporaryDirectory(prefix="fcdm-main-job-") as tmp:
-        env = {**os.environ, "FCDM_LAB_CACHE": os.path.join(tmp, "cache"), "COLUMNS": "120"}
-        env.pop("MLFLOW_TRACKING_URI", None)
+        # no COLUMNS: the output is a pipe, as a user's log file is (fcdm-lab prints 120 columns there)
+        env = {**os.environ, "FCDM_LAB_CACHE": os.path.join(tmp, "cache")}
+        for key in ("MLFLOW_TRACKING_URI", "COLUMNS"):
+            env.pop(key, None)
         load_before = os.getloadavg()
         start = time.time()
         proc = subprocess.run([sys.executable, "-m", "fcdm_lab", "ablate", "grn-vs-cca", *extra], cwd=tmp, env=env,
