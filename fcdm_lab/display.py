@@ -199,7 +199,7 @@ def studies_table(specs, sweeps=()) -> Table:
     t.add_column("name", no_wrap=True)
     t.add_column("what it asks (variants; * = baseline)", overflow="fold", ratio=1)
     t.add_column("seeds", justify="right")
-    t.add_column("wall time", overflow="fold", max_width=22)
+    t.add_column("wall time", overflow="fold", max_width=24)
     for s in specs:
         names = [f"{v.name}*" if v.name == s.baseline else v.name for v in s.variants]
         t.add_row(s.name, f"{s.description} ({', '.join(names)})", str(s.seeds), s.wall_time or "-")
