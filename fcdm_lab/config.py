@@ -41,6 +41,7 @@ class DataConfig:
     name: str = "digits"                    # digits | fashion-mnist | imagefolder | mnist | cifar10 | latents
     path: Optional[str] = None
     test_path: Optional[str] = None
+    heldout_fraction: float = 0.0           # no test_path: this share of data.path is the held-out split, left out of training
     image_size: Optional[int] = None        # None = the dataset's native size
     random_flip: Optional[bool] = None      # None = the dataset's sensible default
     download: bool = False
@@ -185,6 +186,7 @@ def validate(cfg: ExperimentConfig) -> None:
         "train.seed": (t.seed, 0, MAX_SEED + 1, True),
         "train.ema_decay": (t.ema_decay, 0, 1, True), "data.num_workers": (cfg.data.num_workers, 0, None, True),
         "data.image_size": (cfg.data.image_size, 1, None, True),
+        "data.heldout_fraction": (cfg.data.heldout_fraction, 0, 0.5, True),
         "model.class_dropout_prob": (cfg.model.class_dropout_prob, 0, 1, True),
         "model.match_target_gmacs": (cfg.model.match_target_gmacs, 0, None, False),
         "diffusion.num_timesteps": (d.num_timesteps, 1, None, True), "diffusion.beta_start": (d.beta_start, 0, 1, False),

@@ -311,3 +311,38 @@ def test_a_latent_store_is_held_out_by_its_test_path(tmp_path):
     assert log.calls == []
     with pytest.raises(UserError, match="set data.test_path"):  # unless val_loss is required
         train(cfg, tmp_path / "run2", hooks=[HeldoutLoss(required=True)], progress=False)
+
+
+def test_a_heldout_fraction_carves_a_fixed_disjoint_split_from_the_training_store(tmp_path):
+    """data.heldout_fraction without a second store: that share of data.path (a fixed permutation, not
+    the store's last items) is the held-out split and training leaves it out; the same items for every
+    run; refused beside data.test_path, for datasets with their own test split, and out of range."""
+    write_store(tmp_path / "train", seed=0, n=40)
+    data = {"name": "latents", "path": str(tmp_path / "train"), "heldout_fraction": 0.1}
+    train_set, train_info = build_dataset(data, "train")
+    test_set, test_info = build_dataset(data, "test")
+    assert (len(train_set), len(test_set)) == (36, 4) and train_info["num_items"] == 36
+    assert sorted(train_set.indices + test_set.indices) == list(range(40))          # disjoint, nothing lost
+    assert test_set.indices != [36, 37, 38, 39] and test_set.indices == sorted(test_set.indices)
+    assert build_dataset(data, "test")[0].indices == test_set.indices               # fixed, run to run
+    whole = build_dataset({"name": "latents", "path": str(tmp_path / "train")}, "train")[1]["fingerprint"]
+    assert len({whole, train_info["fingerprint"], test_info["fingerprint"]}) == 3   # what a run logs differs
+
+    cfg = tiny(data=data, eval={"heldout_images": 10, "heldout_draws": 2})
+    check_heldout_request(cfg, ["val_loss"])
+    hold = HeldoutSet.from_config(cfg, train_fingerprint=train_info["fingerprint"])
+    assert len(hold.dataset) == 4 and math.isfinite(hold.loss(model_for(cfg, channels=4), objective(cfg))["val_loss"])
+
+    log = Logged()
+    cfg = tiny(data=data, train={"steps": 2, "ckpt_every": 2}, eval={"heldout_draws": 2})
+    train(cfg, tmp_path / "run", hooks=[HeldoutLoss(log_metrics=log, required=True)], progress=False)
+    assert "val_loss" in log.calls[-1][1]
+
+    write_store(tmp_path / "val", seed=1)
+    for bad, message in (({**data, "test_path": str(tmp_path / "val")}, "set one of them"),
+                         ({"name": "digits", "heldout_fraction": 0.1}, "has its own test split"),
+                         ({**data, "heldout_fraction": 0.5}, r"in \[0, 0.5\)")):
+        with pytest.raises(UserError, match=message):
+            build_dataset(bad, "train")
+    with pytest.raises(UserError, match="data.heldout_fraction"):
+        tiny(data={**data, "heldout_fraction": -0.1})

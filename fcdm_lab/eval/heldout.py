@@ -23,10 +23,11 @@ Mean over all triples, each weighing the same.
 The held-out split is the dataset's test split, build_dataset(data, split="test"): the digits' fixed
 297 images, Fashion-MNIST's, MNIST's and CIFAR-10's test sets, and for image folders and latent stores
 `data.test_path` (a second folder / store, e.g. the ImageNet validation images extracted with the same
-VAE). Those are disjoint from the training data by construction; a test_path that is the training
-folder itself (same path or same content fingerprint) is refused. Without data.test_path a latent or
-image-folder run has no held-out loss (a warning; an error when val_* metrics are requested). A split
-carved from the end of the training store would need the trainer to leave that part out.
+VAE), or `data.heldout_fraction`: that share of data.path, chosen by a fixed permutation
+(data/build.py carve_heldout), which the training split then leaves out. Those are disjoint from the
+training data by construction; a test_path that is the training folder itself (same path or same
+content fingerprint) is refused. With neither, a latent or image-folder run has no held-out loss (a
+warning; an error when val_* metrics are requested).
 
 Common random numbers: the triples depend only on the held-out split, eval.heldout_seed (default 0),
 eval.heldout_images, eval.heldout_draws and the objective's time grid (T, or flow's [0, 1)), never on
@@ -115,14 +116,17 @@ def heldout_split(cfg, train_fingerprint: str | None = None):
     data = data_config(cfg)
     name = data.get("name", "digits")
     spec = dataset_spec(name)
-    if spec.path:  # a folder per split: the held-out one is data.test_path
+    carved = bool(data.get("heldout_fraction"))  # build_dataset keeps that share of data.path out of training
+    if spec.path and not carved:  # a folder per split: the held-out one is data.test_path
         if not data.get("test_path"):
             raise UserError(f"no held-out split for data {name!r}: set data.test_path to a held-out {spec.path} "
-                            f"(disjoint from data.path), or eval.heldout_images = 0 to turn the held-out loss off")
+                            f"(disjoint from data.path) or data.heldout_fraction (e.g. 0.01: that share of "
+                            f"data.path, left out of training), or eval.heldout_images = 0 to turn the held-out "
+                            f"loss off")
         if data.get("path") and _same_path(data["path"], data["test_path"]):
             raise UserError(f"data.test_path is data.path ({data['path']}): the held-out loss needs held-out data")
     dataset, info = build_dataset(data, split="test")
-    if spec.path and info["fingerprint"] == train_fingerprint:
+    if spec.path and not carved and info["fingerprint"] == train_fingerprint:
         raise UserError(f"data.test_path {data['test_path']} holds the same data as data.path: the held-out loss "
                         f"needs held-out data")
     return dataset, info
